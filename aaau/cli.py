@@ -1,0 +1,252 @@
+"""Command lines: ``aaau-server {init,run}`` and ``aaau``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from typing import Any
+
+import structlog
+
+from . import client, provision
+from . import messages as m
+from .config import ConfigError, load
+from .terminal import window_size
+
+ALIASES = {
+    "claude": ("claude", "--dangerously-skip-permissions"),
+    "codex": ("codex", "--dangerously-bypass-approvals-and-sandbox"),
+}
+
+
+def configure_logging(stream: Any = None) -> None:
+    """Operational logs (not the audit log): JSON lines on stderr, console on a tty."""
+    stream = stream or sys.stderr
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if stream.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+    )
+
+
+# --- aaau-server -----------------------------------------------------------------------
+
+
+def _layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agent-user", help="the agent's system user (default: agent)")
+    p.add_argument("--group", help="the group of people who may use agents (default: aaau)")
+    p.add_argument("--admin-group", help="the admins' group (default: aaau-admin)")
+    p.add_argument("--socket", help="the Unix socket (default: /run/aaau/aaau.sock)")
+    p.add_argument("--log-dir", help="the audit log directory (default: /var/log/aaau)")
+
+
+def _server_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aaau-server", description="The aaau PTY bridge server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create the agent user, groups, directories, PAM service")
+    _layout_options(init)
+    init.add_argument("--home", help="the agent user's home (default: /var/lib/aaau/USER)")
+    init.add_argument("--sysconf-dir", default="/etc", help=argparse.SUPPRESS)
+    run = sub.add_parser("run", help="run the server (as root)")
+    _layout_options(run)
+    run.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
+    run.add_argument("--daemon", action="store_true",
+                     help="go to the background once the socket is ready")
+    run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
+    for name, kind in (("handshake-timeout", float), ("max-frame", int),
+                       ("clients-per-session", int), ("max-sessions", int),
+                       ("sessions-per-user", int), ("scrollback-bytes", int),
+                       ("client-queue-bytes", int), ("kill-grace", float)):
+        run.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+    return parser
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    args = _server_parser().parse_args(argv)
+    if args.command == "init":
+        layout = provision.Layout(**{
+            k: v for k, v in {
+                "agent_user": args.agent_user, "group": args.group,
+                "admin_group": args.admin_group, "socket": args.socket,
+                "log_dir": args.log_dir, "home": args.home, "sysconf_dir": args.sysconf_dir,
+            }.items() if v is not None
+        })
+        try:
+            provision.init(layout)
+        except provision.InitError as exc:
+            print(f"aaau-server init: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    return _run_server(args)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    import trio
+
+    from .server import Server, StartupError
+
+    overrides = {k: getattr(args, k) for k in (
+        "agent_user", "group", "admin_group", "socket", "log_dir", "handshake_timeout",
+        "max_frame", "clients_per_session", "max_sessions", "sessions_per_user",
+        "scrollback_bytes", "client_queue_bytes", "kill_grace")}
+    try:
+        config = load(args.config).with_overrides(**overrides)
+    except ConfigError as exc:
+        print(f"aaau-server: {exc}", file=sys.stderr)
+        return 1
+    ready_fd = args.ready_fd
+    if args.daemon:
+        ready_fd = _daemonize(config.log_dir)
+    configure_logging()
+    server = Server(config, config_file=args.config, overrides=overrides)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            if ready_fd is not None:
+                os.write(ready_fd, b"READY\n")
+                os.close(ready_fd)
+
+    try:
+        trio.run(main)
+    except BaseException as exc:
+        leaf = client._leaf(exc)
+        if isinstance(leaf, StartupError | OSError):
+            print(f"aaau-server: {leaf}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _daemonize(log_dir: str) -> int:
+    """Fork into the background; the parent exits 0 once the child says READY."""
+    read_fd, write_fd = os.pipe()
+    if os.fork() > 0:
+        os.close(write_fd)
+        status = os.read(read_fd, 64)
+        os._exit(0 if status.startswith(b"READY") else 1)
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.makedirs(log_dir, exist_ok=True)
+    log = os.open(os.path.join(log_dir, "server.log"),
+                  os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(devnull)
+    os.close(log)
+    return write_fd
+
+
+# --- aaau -------------------------------------------------------------------------------
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aaau",
+        description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
+        epilog="commands: aaau [claude|codex], aaau ls [--json], aaau status ID, aaau kill ID",
+    )
+    parser.add_argument("-s", "--socket", default=os.environ.get("AAAU_SOCKET",
+                                                                 "/run/aaau/aaau.sock"))
+    parser.add_argument("-p", "--program", help="the program and its arguments, split like a shell")
+    parser.add_argument("-n", "--session", help="join this session")
+    parser.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
+    parser.add_argument("--share", action="store_true", help="let other members type too")
+    parser.add_argument("-C", "--cwd", help="the agent's working directory")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the agent (repeatable)")
+    parser.add_argument("--json", action="store_true", help="with ls: machine-readable")
+    parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
+    return parser
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    parser = _client_parser()
+    args = parser.parse_args(argv)
+    words = args.words
+    sock = args.socket
+    v = m.PROTOCOL_VERSION
+
+    def usage(message: str) -> int:
+        print(f"aaau: {message}", file=sys.stderr)
+        return client.EXIT_ERROR
+
+    if words and words[0] in ("ls", "list"):
+        return client.run_client(_ls, sock, args.json)
+    if words and words[0] in ("status", "kill"):
+        if len(words) != 2:
+            return usage(f"usage: aaau {words[0]} SESSION_ID")
+        try:
+            request: m.ClientMessage = (m.QueryStatus(v, words[1]) if words[0] == "status"
+                                        else m.Kill(v, words[1]))
+        except ValueError:
+            return usage(f"invalid session id {words[1]!r}")
+        return client.run_client(_one_shot_print, sock, request)
+    if args.session:
+        if args.program or words:
+            return usage("-n joins a session: do not name a program too")
+        try:
+            join = m.Join(v, args.session, m.Role.READONLY if args.read_only else None)
+        except ValueError:
+            return usage(f"invalid session id {args.session!r}")
+        return client.run_client(client.attach, sock, join)
+    argv_: tuple[str, ...] | None = None
+    if args.program and words:
+        return usage("give either -p PROGRAM or an alias, not both")
+    if args.program:
+        try:
+            argv_ = tuple(shlex.split(args.program))
+        except ValueError as exc:
+            return usage(f"invalid program string: {exc}")
+        if not argv_:
+            return usage("the program string is empty")
+    elif words:
+        if len(words) != 1 or words[0] not in ALIASES:
+            return usage(f"unknown command {' '.join(words)!r} (try aaau --help)")
+        argv_ = ALIASES[words[0]]
+    env = {}
+    for item in args.env:
+        name, eq, value = item.partition("=")
+        if not eq:
+            return usage(f"-e wants NAME=VALUE, got {item!r}")
+        env[name] = value
+    rows, cols = window_size(0) if os.isatty(0) else window_size(1)
+    try:
+        create = m.Create(v, rows=rows, cols=cols, term=os.environ.get("TERM", "xterm-256color"),
+                          argv=argv_, share=args.share,
+                          cwd=os.path.abspath(args.cwd) if args.cwd else None, env=env)
+    except ValueError as exc:
+        return usage(str(exc))
+    return client.run_client(client.attach, sock, create)
+
+
+async def _ls(sock: str, as_json: bool) -> int:
+    reply = await client.one_shot(sock, m.ListSessions(m.PROTOCOL_VERSION))
+    assert isinstance(reply, m.Sessions)
+    if as_json:
+        client.print_json([client.session_json(s) for s in reply.sessions])
+    else:
+        print(client.format_sessions(reply.sessions))
+    return 0
+
+
+async def _one_shot_print(sock: str, request: m.ClientMessage) -> int:
+    reply = await client.one_shot(sock, request)
+    if isinstance(reply, m.Status):
+        client.print_json({"alive": reply.alive, **client.session_json(reply.session)})
+    elif isinstance(reply, m.Done):
+        print(reply.message)
+    return 0

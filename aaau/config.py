@@ -1,0 +1,71 @@
+"""The server's configuration: defaults, a TOML file, and command-line overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import codec
+
+
+@attrs.frozen
+class Config:
+    """Everything the server reads at start and again on SIGHUP.
+
+    ``agent_user``, ``socket`` and ``log_dir`` take effect at start only; the
+    limits, ``default_program`` and group names are re-read on SIGHUP.
+    """
+
+    agent_user: str = "agent"
+    group: str = "aaau"
+    admin_group: str = "aaau-admin"
+    socket: str = "/run/aaau/aaau.sock"
+    log_dir: str = "/var/log/aaau"
+    pam_service: str = "aaau"
+    #: argv run when a client names no program; empty: the agent's login shell.
+    default_program: tuple[str, ...] = ()
+    path: str = "/usr/local/bin:/usr/bin:/bin"
+    lang: str = "C.UTF-8"
+    handshake_timeout: float = 5.0
+    max_frame: int = 1 << 20
+    clients_per_session: int = 16
+    max_sessions: int = 64
+    sessions_per_user: int = 8
+    scrollback_bytes: int = 256 * 1024
+    client_queue_bytes: int = 4 << 20
+    kill_grace: float = 2.0
+    shutdown_grace: float = 5.0
+    record_output: bool = True
+
+    def with_overrides(self, **overrides: Any) -> Config:
+        """A copy with every override that is not None applied."""
+        return attrs.evolve(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load(path: str | Path | None) -> Config:
+    """The configuration in ``path`` (a TOML table of Config's fields), or defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    data = data.get("server", data)
+    try:
+        return codec.structure(data, Config)
+    except Exception as exc:
+        import cattrs
+
+        if isinstance(exc, cattrs.BaseValidationError):
+            detail = "; ".join(cattrs.transform_error(exc))
+        else:
+            detail = str(exc)
+        raise ConfigError(f"invalid config {path}: {detail}") from None

@@ -1,0 +1,291 @@
+"""The typed control messages of the aaau protocol.
+
+Plain attrs classes with their invariants as validators. They know nothing of
+JSON, frames, sockets or Trio: the codec turns them into bytes and back.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+#: The protocol version this code speaks. A peer announcing another is refused.
+PROTOCOL_VERSION = 1
+
+MAX_DIMENSION = 9999
+MAX_ARGV = 256
+MAX_ARG_LEN = 65536
+MAX_ENV = 128
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TERM = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class Role(enum.Enum):
+    """What a client may do in a session, weakest first."""
+
+    READONLY = "readonly"
+    INTERACTIVE = "interactive"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    def at_most(self, other: Role) -> Role:
+        """The weaker of the two roles."""
+        return self if self.rank <= other.rank else other
+
+
+_RANK = {Role.READONLY: 0, Role.INTERACTIVE: 1, Role.ADMIN: 2}
+
+
+def _no_nul(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, str) and "\0" in value:
+        raise ValueError(f"{attribute.name} must not contain NUL")
+
+
+def _argv(_inst: object, _attr: attrs.Attribute[Any], value: tuple[str, ...] | None) -> None:
+    if value is None:
+        return
+    if not value:
+        raise ValueError("argv must not be empty")
+    if len(value) > MAX_ARGV:
+        raise ValueError(f"argv has more than {MAX_ARGV} items")
+    if not value[0]:
+        raise ValueError("the program name must not be empty")
+    for arg in value:
+        if "\0" in arg or len(arg) > MAX_ARG_LEN:
+            raise ValueError("an argument contains NUL or is too long")
+
+
+def _env(_inst: object, _attr: attrs.Attribute[Any], value: dict[str, str]) -> None:
+    if len(value) > MAX_ENV:
+        raise ValueError(f"more than {MAX_ENV} environment variables")
+    for name, val in value.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"invalid environment variable name {name!r}")
+        if "\0" in val or len(val) > MAX_ARG_LEN:
+            raise ValueError(f"environment variable {name} contains NUL or is too long")
+
+
+def _cwd(_inst: object, _attr: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and (not value.startswith("/") or "\0" in value or len(value) > 4096):
+        raise ValueError("cwd must be an absolute path")
+
+
+_dimension = [v.ge(1), v.le(MAX_DIMENSION)]
+_session_id = v.matches_re(_SESSION_ID)
+
+
+# --- client -> server, first message of a connection ------------------------
+
+
+@attrs.frozen
+class Create:
+    """Start a new session running ``argv`` (None: the server's default program)."""
+
+    version: int
+    rows: int = attrs.field(validator=_dimension)
+    cols: int = attrs.field(validator=_dimension)
+    term: str = attrs.field(validator=v.matches_re(_TERM))
+    argv: tuple[str, ...] | None = attrs.field(default=None, validator=_argv)
+    share: bool = False
+    cwd: str | None = attrs.field(default=None, validator=_cwd)
+    env: dict[str, str] = attrs.field(factory=dict, validator=_env)
+
+
+@attrs.frozen
+class Join:
+    """Attach to a running session; ``role`` asks for at most that role."""
+
+    version: int
+    session_id: str = attrs.field(validator=_session_id)
+    role: Role | None = None
+
+
+@attrs.frozen
+class ListSessions:
+    """Ask for the sessions the caller may see, then close."""
+
+    version: int
+
+
+@attrs.frozen
+class QueryStatus:
+    """Ask for one session's status without attaching, then close."""
+
+    version: int
+    session_id: str = attrs.field(validator=_session_id)
+
+
+@attrs.frozen
+class Kill:
+    """FORCE_KILL a session without attaching, then close."""
+
+    version: int
+    session_id: str = attrs.field(validator=_session_id)
+
+
+# --- client -> server, inside a session ---------------------------------------
+
+
+@attrs.frozen
+class Resize:
+    rows: int = attrs.field(validator=_dimension)
+    cols: int = attrs.field(validator=_dimension)
+
+
+@attrs.frozen
+class Ping:
+    nonce: int = attrs.field(default=0, validator=[v.ge(0), v.le(2**53)])
+
+
+@attrs.frozen
+class GetStatus:
+    pass
+
+
+@attrs.frozen
+class ForceKill:
+    pass
+
+
+@attrs.frozen
+class Detach:
+    pass
+
+
+@attrs.frozen
+class InputEof:
+    """The client's input ended: the agent should see end of input."""
+
+
+Hello = Create | Join | ListSessions | QueryStatus | Kill
+SessionRequest = Resize | Ping | GetStatus | ForceKill | Detach | InputEof
+ClientMessage = Create | Join | ListSessions | QueryStatus | Kill | SessionRequest
+
+
+# --- server -> client -------------------------------------------------------------
+
+
+@attrs.frozen
+class ClientInfo:
+    client_id: int
+    user: str
+    uid: int
+    role: Role
+
+
+@attrs.frozen
+class SessionInfo:
+    session_id: str
+    creator: str
+    creator_uid: int
+    argv: tuple[str, ...]
+    pid: int
+    pty: str
+    created_at: float
+    rows: int
+    cols: int
+    shared: bool
+    clients: tuple[ClientInfo, ...] = ()
+
+
+@attrs.frozen
+class Welcome:
+    """The handshake succeeded: the client is attached with ``role``."""
+
+    version: int
+    session_id: str
+    role: Role
+    created: bool
+    rows: int
+    cols: int
+    client_id: int
+
+
+@attrs.frozen
+class Error:
+    """Something the peer asked for failed; ``code`` is machine-readable."""
+
+    code: str
+    message: str
+
+
+@attrs.frozen
+class Joined:
+    client: ClientInfo
+
+
+@attrs.frozen
+class Left:
+    client: ClientInfo
+
+
+@attrs.frozen
+class RoleChanged:
+    """This client's role was changed by the server (for example on reload)."""
+
+    role: Role
+    reason: str
+
+
+@attrs.frozen
+class Exited:
+    """The agent ended: ``code`` if it exited, ``signal`` if a signal killed it."""
+
+    code: int | None
+    signal: int | None
+
+
+@attrs.frozen
+class Pong:
+    nonce: int
+
+
+@attrs.frozen
+class Status:
+    session: SessionInfo
+    alive: bool
+
+
+@attrs.frozen
+class Sessions:
+    sessions: tuple[SessionInfo, ...]
+
+
+@attrs.frozen
+class Done:
+    """A one-shot request (kill outside a session) succeeded."""
+
+    message: str
+
+
+ServerMessage = (
+    Welcome | Error | Joined | Left | RoleChanged | Exited | Pong | Status | Sessions | Done
+)
+
+
+class ErrorCode:
+    """The ``code`` values of :class:`Error`."""
+
+    BAD_FRAME = "bad-frame"
+    TOO_LARGE = "too-large"
+    BAD_MESSAGE = "bad-message"
+    VERSION = "version"
+    REFUSED = "refused"
+    FORBIDDEN = "forbidden"
+    UNKNOWN_SESSION = "unknown-session"
+    LIMIT = "limit"
+    SPAWN_FAILED = "spawn-failed"
+    TIMEOUT = "timeout"
+    TOO_SLOW = "too-slow"
+    SHUTDOWN = "server-shutdown"
+    REVOKED = "revoked"
+    INTERNAL = "internal"

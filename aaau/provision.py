@@ -1,0 +1,221 @@
+"""``aaau-server init``: the agent user, the groups, the directories, the PAM service.
+
+Idempotent. The repo's ``sysusers.d/aaau.conf`` and ``tmpfiles.d/aaau.conf``
+are rendered with the chosen names, applied with ``systemd-sysusers`` and
+``systemd-tmpfiles`` (or ``groupadd``/``useradd``/mkdir where those are
+missing) and installed under /etc so that /run/aaau returns at boot.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+
+PAM_SERVICE_TEXT = """\
+# aaau: the PAM session opened for every agent the aaau server starts.
+# Only root (the server's launcher) can authenticate here; the session stack
+# applies /etc/security/limits.conf to the agent user (pam_limits).
+auth     required  pam_rootok.so
+account  required  pam_permit.so
+session  required  pam_limits.so
+session  optional  pam_unix.so
+"""
+
+_DEFAULTS = {"agent": "agent", "group": "aaau", "admin": "aaau-admin"}
+
+
+class InitError(Exception):
+    pass
+
+
+@attrs.frozen
+class Layout:
+    agent_user: str = "agent"
+    group: str = "aaau"
+    admin_group: str = "aaau-admin"
+    socket: str = "/run/aaau/aaau.sock"
+    log_dir: str = "/var/log/aaau"
+    home: str | None = None
+    sysconf_dir: str = "/etc"
+    pam_service: str = "aaau"
+
+    @property
+    def agent_home(self) -> str:
+        return self.home or f"/var/lib/aaau/{self.agent_user}"
+
+
+def _template(name: str) -> str:
+    """A shipped template: installed data files first, then the source tree."""
+    for base in (Path(sys.prefix) / "share" / "aaau", Path(__file__).resolve().parent.parent):
+        path = base / name
+        if path.is_file():
+            return path.read_text()
+    raise InitError(f"cannot find the template {name}")
+
+
+def _render(text: str, substitute: Callable[[list[str]], list[str]]) -> str:
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            line = " ".join(shlex.quote(f) if f != "-" else f for f in substitute(shlex.split(line)))
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def render_sysusers(layout: Layout) -> str:
+    names = {"aaau": layout.group, "aaau-admin": layout.admin_group, "agent": layout.agent_user}
+
+    def sub(fields: list[str]) -> list[str]:
+        fields[1] = names.get(fields[1], fields[1])
+        if fields[0] == "u" and len(fields) > 4:
+            fields[4] = layout.agent_home
+        return fields
+
+    return _render(_template("sysusers.d/aaau.conf"), sub)
+
+
+def render_tmpfiles(layout: Layout) -> str:
+    paths = {
+        "/run/aaau": os.path.dirname(layout.socket),
+        "/var/log/aaau": layout.log_dir,
+        "/var/lib/aaau": os.path.dirname(layout.agent_home),
+        "/var/lib/aaau/agent": layout.agent_home,
+    }
+    names = {"aaau": layout.group, "aaau-admin": layout.admin_group, "agent": layout.agent_user}
+
+    def sub(fields: list[str]) -> list[str]:
+        fields[1] = paths.get(fields[1], fields[1])
+        fields[3] = names.get(fields[3], fields[3])
+        fields[4] = names.get(fields[4], fields[4])
+        return fields
+
+    return _render(_template("tmpfiles.d/aaau.conf"), sub)
+
+
+def _exists_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _exists_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _check(layout: Layout) -> None:
+    if len({layout.agent_user, layout.group, layout.admin_group}) != 3:
+        raise InitError(
+            "the agent user, the group and the admin group need three different names "
+            "(the agent user's own group is named after it)"
+        )
+    if _exists_user(layout.agent_user):
+        pw = pwd.getpwnam(layout.agent_user)
+        if pw.pw_uid == 0 or pw.pw_gid == 0:
+            raise InitError(f"user {layout.agent_user} is root: choose an unprivileged agent user")
+        gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+        for name in (layout.group, layout.admin_group):
+            if _exists_group(name) and grp.getgrnam(name).gr_gid in gids:
+                raise InitError(
+                    f"user {layout.agent_user} is a member of {name}: the agent user must never "
+                    f"be in the human or admin group (remove it: gpasswd -d {layout.agent_user} "
+                    f"{name})"
+                )
+
+
+def _run(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise InitError(f"{shlex.join(argv)} failed: {result.stderr.strip()}")
+
+
+def _apply_sysusers(layout: Layout, conf: Path) -> None:
+    tool = shutil.which("systemd-sysusers")
+    if tool:
+        _run([tool, str(conf)])
+        return
+    for name in (layout.group, layout.admin_group):
+        if not _exists_group(name):
+            _run(["groupadd", "--system", name])
+    if not _exists_user(layout.agent_user):
+        _run(["useradd", "--system", "--user-group", "--home-dir", layout.agent_home,
+              "--no-create-home", "--shell", "/bin/bash", "--comment", "aaau agent",
+              layout.agent_user])
+
+
+def _apply_tmpfiles(text: str, conf: Path) -> None:
+    tool = shutil.which("systemd-tmpfiles")
+    if tool:
+        _run([tool, "--create", str(conf)])
+        return
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        _, path, mode, user, group, _ = shlex.split(line)
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, int(mode, 8))
+        os.chown(path, pwd.getpwnam(user).pw_uid, grp.getgrnam(group).gr_gid)
+
+
+def _write(path: Path, text: str, mode: int) -> str:
+    """Write ``text`` to ``path``: 'created', 'updated' or 'unchanged'."""
+    if path.exists() and path.read_text() == text:
+        return "unchanged"
+    state = "updated" if path.exists() else "created"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return state
+
+
+def init(layout: Layout, out: Callable[[str], None] = print) -> None:
+    if os.geteuid() != 0:
+        raise InitError("aaau-server init must be run as root")
+    _check(layout)
+    before = {
+        f"group {layout.group}": _exists_group(layout.group),
+        f"group {layout.admin_group}": _exists_group(layout.admin_group),
+        f"user {layout.agent_user}": _exists_user(layout.agent_user),
+    }
+    dirs = [os.path.dirname(layout.socket), layout.log_dir, layout.agent_home]
+    before.update({f"directory {d}": os.path.isdir(d) for d in dirs})
+
+    etc = Path(layout.sysconf_dir)
+    sysusers = render_sysusers(layout)
+    tmpfiles = render_tmpfiles(layout)
+    written = {
+        str(etc / "sysusers.d/aaau.conf"): _write(etc / "sysusers.d/aaau.conf", sysusers, 0o644),
+        str(etc / "tmpfiles.d/aaau.conf"): _write(etc / "tmpfiles.d/aaau.conf", tmpfiles, 0o644),
+        str(etc / "pam.d" / layout.pam_service): _write(
+            etc / "pam.d" / layout.pam_service, PAM_SERVICE_TEXT, 0o644
+        ),
+    }
+    _apply_sysusers(layout, etc / "sysusers.d/aaau.conf")
+    _check(layout)  # the agent user exists now: check its groups again
+    _apply_tmpfiles(tmpfiles, etc / "tmpfiles.d/aaau.conf")
+
+    for thing, existed in before.items():
+        out(f"{'exists ' if existed else 'created'} {thing}")
+    for path, state in written.items():
+        out(f"{state:9} {path}".replace("unchanged", "exists   "))
+    out("")
+    out("Next: add the people who may use agents to the group, then start the server:")
+    out(f"  usermod -aG {layout.group} NAME      (admins: usermod -aG "
+        f"{layout.group},{layout.admin_group} NAME)")
+    out("  aaau-server run")
