@@ -134,7 +134,8 @@ def main(argv: list[str]) -> NoReturn:
     if os.WIFSIGNALED(wstatus):
         sig = os.WTERMSIG(wstatus)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)

@@ -202,8 +202,9 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
     written = {
         str(etc / "sysusers.d/aaau.conf"): _write(etc / "sysusers.d/aaau.conf", sysusers, 0o644),
         str(etc / "tmpfiles.d/aaau.conf"): _write(etc / "tmpfiles.d/aaau.conf", tmpfiles, 0o644),
-        str(etc / "pam.d" / layout.pam_service): _write(
-            etc / "pam.d" / layout.pam_service, PAM_SERVICE_TEXT, 0o644
+        # PAM only looks in /etc/pam.d, whatever --sysconf-dir says
+        f"/etc/pam.d/{layout.pam_service}": _write(
+            Path("/etc/pam.d") / layout.pam_service, PAM_SERVICE_TEXT, 0o644
         ),
     }
     _apply_sysusers(layout, etc / "sysusers.d/aaau.conf")

@@ -1,0 +1,212 @@
+"""The real `aaau` and `aaau-server init` commands, run as real users."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import termios
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .conftest import (
+    ADMIN_GROUP, AGENT, ALICE, BOB, GROUP, PY, ServerProc, account, gid_of, root, run_cli,
+    wait_for,
+)
+
+pytestmark = root
+
+
+async def test_piped_stdin_drives_the_agent_and_exit_status_comes_back(
+    server: ServerProc,
+) -> None:
+    result = await run_cli(ALICE, ["-p", "bash --norc"], server.socket,
+                           stdin=b"echo piped-$((20+1))\nexit 7\n")
+    assert result.returncode == 7, result.stderr
+    assert b"piped-21" in result.stdout
+    assert re.search(rb"aaau: session [A-Za-z0-9_-]{22} \(interactive\)", result.stderr)
+
+
+async def test_end_of_stdin_is_end_of_input_for_the_agent(server: ServerProc) -> None:
+    result = await run_cli(ALICE, ["-p", "sh -c 'cat; echo cat-finished; exit 4'"],
+                           server.socket, stdin=b"line one\npartial")
+    assert result.returncode == 4, result.stderr
+    assert b"cat-finished" in result.stdout
+    assert b"partial" in result.stdout
+
+
+async def test_signal_exit_maps_to_128_plus_n(server: ServerProc) -> None:
+    result = await run_cli(ALICE, ["-p", "sh -c 'kill -KILL $$'"], server.socket)
+    assert result.returncode == 128 + 9
+
+
+async def test_argv_is_never_reparsed_by_a_shell(server: ServerProc, base_dir: Path) -> None:
+    marker = base_dir / "should-not-exist"
+    result = await run_cli(ALICE, ["-p", f"printf '%s|' '$(touch {marker})' 'a b'"],
+                           server.socket)
+    assert result.returncode == 0
+    assert f"$(touch {marker})|a b|".encode() in result.stdout
+    assert not marker.exists()
+
+
+async def test_client_errors_exit_255_with_one_line(server: ServerProc, base_dir: Path) -> None:
+    result = await run_cli(ALICE, ["-p", "true"], base_dir / "nowhere.sock")
+    assert result.returncode == 255
+    assert result.stderr.decode().startswith("aaau: cannot connect to")
+    assert result.stderr.count(b"\n") == 1
+    result = await run_cli(ALICE, ["-n", "no-such-session"], server.socket)
+    assert result.returncode == 255
+    assert result.stderr == b"aaau: no session no-such-session\n"
+    result = await run_cli(ALICE, ["-p", "does-not-exist-prog"], server.socket)
+    assert result.returncode == 255
+    assert b"program not found: does-not-exist-prog" in result.stderr
+    result = await run_cli(ALICE, ["-p", "'unterminated"], server.socket)
+    assert result.returncode == 255 and b"invalid program string" in result.stderr
+
+
+async def test_ls_status_and_kill(server: ServerProc) -> None:
+    alice, welcome = await server.create(ALICE, ("sleep", "60"))
+    sid = welcome.session_id
+    listing = await run_cli(BOB, ["ls", "--json"], server.socket)
+    assert listing.returncode == 0
+    (entry,) = json.loads(listing.stdout)
+    assert entry["session_id"] == sid and entry["creator"] == ALICE
+    assert entry["argv"] == ["sleep", "60"]
+    plain = await run_cli(BOB, ["ls"], server.socket)
+    assert sid.encode() in plain.stdout and b"sleep 60" in plain.stdout
+    status = await run_cli(BOB, ["status", sid], server.socket)
+    assert json.loads(status.stdout)["alive"] is True
+    denied = await run_cli(BOB, ["kill", sid], server.socket)
+    assert denied.returncode == 255 and b"only an admin or the session's creator" in denied.stderr
+    killed = await run_cli(ALICE, ["kill", sid], server.socket)
+    assert killed.returncode == 0, killed.stderr
+    assert f"session {sid} killed".encode() in killed.stdout
+    listing = await run_cli(BOB, ["ls", "--json"], server.socket)
+    assert json.loads(listing.stdout) == []
+
+
+async def _read_until(master: int, pattern: bytes, seen: bytearray, timeout: float = 15) -> None:
+    stream = trio.lowlevel.FdStream(os.dup(master))
+    try:
+        with trio.fail_after(timeout):
+            while pattern not in seen:
+                seen += await stream.receive_some(4096)
+    finally:
+        await stream.aclose()
+
+
+async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
+    server: ServerProc,
+) -> None:
+    master, slave = os.openpty()
+    uid, gid, groups = account(ALICE)
+    os.chown(os.ttyname(slave), uid, -1)
+    before = termios.tcgetattr(slave)
+    seen = bytearray()
+    try:
+        async with trio.open_nursery() as nursery:
+            proc: Any = await nursery.start(lambda task_status: trio.run_process(
+                [PY, "-m", "aaau", "-p", "sh -c 'printf \"one\\ntwo\\n\"; exec sleep 60'"],
+                stdin=slave, stdout=slave, stderr=slave, check=False, user=uid, group=gid,
+                extra_groups=groups, start_new_session=True, cwd="/",
+                env={"AAAU_SOCKET": str(server.socket), "TERM": "xterm", "PATH": "/usr/bin:/bin"},
+                task_status=task_status))
+            await _read_until(master, b"two\r\n", seen)
+            assert b"one\r\ntwo\r\n" in seen and b"\r\r\n" not in seen
+            during = termios.tcgetattr(slave)
+            assert not during[3] & termios.ICANON and not during[1] & termios.OPOST
+            match = re.search(rb"session ([A-Za-z0-9_-]{22})", bytes(seen))
+            assert match
+            os.write(master, b"\r~.")
+            with trio.fail_after(10):
+                assert await proc.wait() == 0
+    finally:
+        after = termios.tcgetattr(slave)
+        os.close(slave)
+        os.close(master)
+    assert after == before
+    sid = match.group(1).decode()
+    listing = await run_cli(ALICE, ["ls", "--json"], server.socket)  # detach keeps the session
+    assert [s["session_id"] for s in json.loads(listing.stdout)] == [sid]
+    (leave,) = server.records("leave", session_id=sid)
+    assert leave["content"] == "detached"
+
+
+async def test_read_only_join_sees_output_and_cannot_type(server: ServerProc) -> None:
+    alice, welcome = await server.create(ALICE, ("sh", "-c", "echo visible; read x; echo got-$x"))
+    await alice.expect_output(b"visible")
+    async with trio.open_nursery() as nursery:
+        result: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def observe() -> None:
+            result.append(await run_cli(BOB, ["-n", welcome.session_id, "-r"], server.socket))
+
+        nursery.start_soon(observe)
+        await wait_for(lambda: len(server.records("join", user=BOB)) == 1)
+        await alice.type(b"typed-by-alice\n")
+    (res,) = result
+    assert res.returncode == 0
+    assert b"visible" in res.stdout and b"got-typed-by-alice" in res.stdout
+    assert b"(readonly)" in res.stderr
+
+
+def test_init_is_idempotent_and_keeps_the_agent_out_of_the_groups(
+    accounts: dict[str, Any], base_dir: Path
+) -> None:
+    assert f"user {AGENT}" in accounts["init_output"]
+    again = subprocess.run(
+        [PY, "-m", "aaau", "server", "init", "--agent-user", AGENT, "--group", GROUP,
+         "--admin-group", ADMIN_GROUP, "--socket", str(base_dir / "init-run" / "aaau.sock"),
+         "--log-dir", str(base_dir / "init-log"), "--home", f"/var/lib/{AGENT}",
+         "--sysconf-dir", str(base_dir / "etc")],
+        capture_output=True, text=True, cwd="/", check=False)
+    assert again.returncode == 0, again.stderr
+    assert "created" not in again.stdout.replace("created   ", "")
+    assert f"exists  user {AGENT}" in again.stdout
+    assert "sudo" not in again.stdout and "NOPASSWD" not in again.stdout
+    uid, gid, groups = account(AGENT)
+    assert uid != 0 and gid_of(GROUP) not in groups and gid_of(ADMIN_GROUP) not in groups
+    run_dir = os.stat(base_dir / "init-run")
+    assert stat.S_IMODE(run_dir.st_mode) == 0o750 and run_dir.st_gid == gid_of(GROUP)
+    log_dir = os.stat(base_dir / "init-log")
+    assert stat.S_IMODE(log_dir.st_mode) == 0o750 and log_dir.st_gid == gid_of(ADMIN_GROUP)
+    home = os.stat(f"/var/lib/{AGENT}")
+    assert home.st_uid == uid and stat.S_IMODE(home.st_mode) == 0o700
+    assert Path("/etc/pam.d/aaau").read_text().count("pam_limits.so") == 1
+    assert (base_dir / "etc/sysusers.d/aaau.conf").read_text().count(AGENT) >= 1
+
+
+def test_init_refuses_to_put_the_agent_in_the_human_group(
+    accounts: dict[str, Any], base_dir: Path
+) -> None:
+    subprocess.run(["gpasswd", "-a", AGENT, GROUP], check=True, capture_output=True)
+    try:
+        result = subprocess.run(
+            [PY, "-m", "aaau", "server", "init", "--agent-user", AGENT, "--group", GROUP,
+             "--admin-group", ADMIN_GROUP, "--sysconf-dir", str(base_dir / "etc2")],
+            capture_output=True, text=True, cwd="/", check=False)
+        assert result.returncode == 1
+        assert "must never be in the human or admin group" in result.stderr
+        assert not (base_dir / "etc2").exists()
+    finally:
+        subprocess.run(["gpasswd", "-d", AGENT, GROUP], check=True, capture_output=True)
+
+
+async def test_server_refuses_to_start_when_the_agent_is_in_the_group(
+    accounts: dict[str, Any], base_dir: Path
+) -> None:
+    subprocess.run(["gpasswd", "-a", AGENT, ADMIN_GROUP], check=True, capture_output=True)
+    try:
+        result = await trio.run_process(
+            [PY, "-m", "aaau", "server", "run", "--agent-user", AGENT, "--group", GROUP,
+             "--admin-group", ADMIN_GROUP, "--socket", str(base_dir / "refuse" / "s.sock"),
+             "--log-dir", str(base_dir / "refuse-log")],
+            capture_stderr=True, check=False, cwd="/")
+        assert result.returncode == 1
+        assert b"could connect to its own server" in result.stderr
+    finally:
+        subprocess.run(["gpasswd", "-d", AGENT, ADMIN_GROUP], check=True, capture_output=True)

@@ -1,0 +1,109 @@
+"""Spawn plans, the audit writer and init's rendering: pure or local, no server."""
+
+import base64
+import json
+import os
+import pwd
+import stat
+from pathlib import Path
+
+import pytest
+
+from aaau import provision
+from aaau.audit import AuditLog, decode_content, encode_bytes
+from aaau.config import Config, ConfigError, load
+from aaau.messages import Role
+from aaau.spawn import SpawnError, plan
+
+AGENT = pwd.struct_passwd(("agent", "x", 990, 990, "", "/var/lib/aaau/agent", "/bin/bash"))
+
+
+def test_plan_environment_is_built_from_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVER_SECRET", "x")
+    p = plan(Config(), AGENT, session_id="sid", argv=("claude", "--x"), term="xterm",
+             cwd=None, extra_env={"API_KEY": "k"})
+    assert p.env == {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "API_KEY": "k",
+        "HOME": "/var/lib/aaau/agent", "USER": "agent", "LOGNAME": "agent",
+        "SHELL": "/bin/bash", "TERM": "xterm", "AAAU_SESSION_ID": "sid",
+    }
+    assert p.argv == ("claude", "--x")
+    assert p.executable == "claude"
+    assert p.cwd == "/var/lib/aaau/agent"
+    assert (p.uid, p.gid) == (990, 990)
+
+
+def test_default_program_is_the_agents_login_shell() -> None:
+    p = plan(Config(), AGENT, session_id="s", argv=None, term="xterm", cwd=None, extra_env={})
+    assert (p.executable, p.argv) == ("/bin/bash", ("-bash",))
+
+
+def test_configured_default_program() -> None:
+    p = plan(Config(default_program=("zsh", "-l")), AGENT, session_id="s", argv=None,
+             term="xterm", cwd="/srv", extra_env={})
+    assert (p.executable, p.argv, p.cwd) == ("zsh", ("zsh", "-l"), "/srv")
+
+
+def test_client_may_not_override_identity_variables() -> None:
+    with pytest.raises(SpawnError, match="HOME"):
+        plan(Config(), AGENT, session_id="s", argv=None, term="x", cwd=None,
+             extra_env={"HOME": "/root"})
+
+
+def test_root_agent_is_refused() -> None:
+    root = pwd.struct_passwd(("root", "x", 0, 0, "", "/root", "/bin/bash"))
+    with pytest.raises(SpawnError, match="root"):
+        plan(Config(), root, session_id="s", argv=None, term="x", cwd=None, extra_env={})
+
+
+def test_audit_records_are_whole_json_lines_with_private_mode(tmp_path: Path) -> None:
+    log = AuditLog(str(tmp_path / "audit.jsonl"))
+    log.write("session_start", user="alice", uid=1000, role=Role.ADMIN, session_id="s",
+              content="x", metadata={"k": 1})
+    log.write_bytes("output", b"\xff\x00ok", source="agent", session_id="s")
+    log.close()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == {"timestamp", "seq", "source", "user", "uid", "role", "session_id",
+                          "command_type", "content", "metadata"}
+    assert first["role"] == "admin" and first["seq"] == 1 and second["seq"] == 2
+    assert isinstance(first["timestamp"], float)
+    assert second["metadata"] == {"encoding": "base64", "bytes": 4}
+    assert base64.b64decode(second["content"]) == b"\xff\x00ok"
+    assert stat.S_IMODE(os.stat(tmp_path / "audit.jsonl").st_mode) == 0o640
+
+
+@pytest.mark.parametrize("data", [b"plain \x1b[1mtext\r\n", b"\xe2\x82", "é".encode(), b""])
+def test_terminal_bytes_are_stored_losslessly(data: bytes) -> None:
+    assert decode_content(*encode_bytes(data)) == data
+
+
+def test_config_file_is_strict(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('max_sessions = 3\ndefault_program = ["zsh", "-l"]\n')
+    assert load(good).max_sessions == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('max_sessions = "3"\n')
+    with pytest.raises(ConfigError, match="max_sessions"):
+        load(bad)
+    extra = tmp_path / "extra.toml"
+    extra.write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match="nonsense"):
+        load(extra)
+
+
+def test_init_renders_names_into_the_shipped_templates() -> None:
+    layout = provision.Layout(agent_user="bot", group="humans", admin_group="bosses",
+                              socket="/run/x/s.sock", log_dir="/var/log/x")
+    sysusers = provision.render_sysusers(layout)
+    assert "g humans -" in sysusers and "g bosses -" in sysusers
+    assert "u bot - 'aaau agent' /var/lib/aaau/bot /bin/bash" in sysusers
+    tmpfiles = provision.render_tmpfiles(layout)
+    assert "d /run/x 0750 root humans -" in tmpfiles
+    assert "d /var/log/x 0750 root bosses -" in tmpfiles
+    assert "d /var/lib/aaau/bot 0700 bot bot -" in tmpfiles
+
+
+def test_init_refuses_an_agent_named_like_a_group() -> None:
+    with pytest.raises(provision.InitError, match="three different names"):
+        provision._check(provision.Layout(agent_user="aaau"))
