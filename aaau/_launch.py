@@ -21,6 +21,7 @@ close-on-exec, so EOF with no error means the exec happened.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -35,10 +36,8 @@ _KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTT
 
 def _report(status_fd: int, line: str) -> None:
     data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
-    try:
+    with contextlib.suppress(OSError):
         os.write(status_fd, data)
-    except OSError:
-        pass
 
 
 def _fail(status_fd: int, message: str) -> NoReturn:
@@ -84,9 +83,7 @@ def _open_pam(plan: dict[str, Any], status_fd: int) -> Any:
 
     handle = pam.PamAuthenticator()
     service = plan["pam_service"]
-    if not handle.authenticate(
-        plan["user"], "", service=service, call_end=False, resetcreds=False
-    ):
+    if not handle.authenticate(plan["user"], "", service=service, call_end=False, resetcreds=False):
         _fail(status_fd, f"PAM service {service} refused {plan['user']}: {handle.reason}")
     if handle.open_session() != 0:
         _fail(status_fd, f"PAM service {service} could not open a session: {handle.reason}")
@@ -108,8 +105,8 @@ def main(argv: list[str]) -> NoReturn:
         _fail(status_fd, "refusing to run the agent as root")
     if plan.get("cgroup"):
         try:
-            with open(os.path.join(plan["cgroup"], "cgroup.procs"), "w") as f:
-                f.write(str(os.getpid()))
+            with open(os.path.join(plan["cgroup"], "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
         except OSError as exc:
             _fail(status_fd, f"cannot join cgroup {plan['cgroup']}: {exc.strerror}")
     pam_handle = _open_pam(plan, status_fd)
@@ -121,10 +118,8 @@ def main(argv: list[str]) -> NoReturn:
     os.close(status_fd)
 
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pid, signum)
-        except OSError:
-            pass
 
     signal.signal(signal.SIGHUP, forward)
     signal.signal(signal.SIGTERM, forward)
@@ -132,13 +127,13 @@ def main(argv: list[str]) -> NoReturn:
     pam_handle.close_session()
     pam_handle.end()
     if os.WIFSIGNALED(wstatus):
-        sig = os.WTERMSIG(wstatus)
+        dead_by: int = os.WTERMSIG(wstatus)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-        os._exit(128 + sig)
+        if dead_by not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(dead_by, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [dead_by])
+        os.kill(os.getpid(), dead_by)
+        os._exit(128 + dead_by)
     os._exit(os.waitstatus_to_exitcode(wstatus))
 
 

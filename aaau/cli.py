@@ -61,13 +61,20 @@ def _server_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the server (as root)")
     _layout_options(run)
     run.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
-    run.add_argument("--daemon", action="store_true",
-                     help="go to the background once the socket is ready")
+    run.add_argument(
+        "--daemon", action="store_true", help="go to the background once the socket is ready"
+    )
     run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
-    for name, kind in (("handshake-timeout", float), ("max-frame", int),
-                       ("clients-per-session", int), ("max-sessions", int),
-                       ("sessions-per-user", int), ("scrollback-bytes", int),
-                       ("client-queue-bytes", int), ("kill-grace", float)):
+    for name, kind in (
+        ("handshake-timeout", float),
+        ("max-frame", int),
+        ("clients-per-session", int),
+        ("max-sessions", int),
+        ("sessions-per-user", int),
+        ("scrollback-bytes", int),
+        ("client-queue-bytes", int),
+        ("kill-grace", float),
+    ):
         run.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
     return parser
 
@@ -75,13 +82,21 @@ def _server_parser() -> argparse.ArgumentParser:
 def server_main(argv: list[str] | None = None) -> int:
     args = _server_parser().parse_args(argv)
     if args.command == "init":
-        layout = provision.Layout(**{
-            k: v for k, v in {
-                "agent_user": args.agent_user, "group": args.group,
-                "admin_group": args.admin_group, "socket": args.socket,
-                "log_dir": args.log_dir, "home": args.home, "sysconf_dir": args.sysconf_dir,
-            }.items() if v is not None
-        })
+        layout = provision.Layout(
+            **{
+                k: v
+                for k, v in {
+                    "agent_user": args.agent_user,
+                    "group": args.group,
+                    "admin_group": args.admin_group,
+                    "socket": args.socket,
+                    "log_dir": args.log_dir,
+                    "home": args.home,
+                    "sysconf_dir": args.sysconf_dir,
+                }.items()
+                if v is not None
+            }
+        )
         try:
             provision.init(layout)
         except provision.InitError as exc:
@@ -96,10 +111,24 @@ def _run_server(args: argparse.Namespace) -> int:
 
     from .server import Server, StartupError
 
-    overrides = {k: getattr(args, k) for k in (
-        "agent_user", "group", "admin_group", "socket", "log_dir", "handshake_timeout",
-        "max_frame", "clients_per_session", "max_sessions", "sessions_per_user",
-        "scrollback_bytes", "client_queue_bytes", "kill_grace")}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "agent_user",
+            "group",
+            "admin_group",
+            "socket",
+            "log_dir",
+            "handshake_timeout",
+            "max_frame",
+            "clients_per_session",
+            "max_sessions",
+            "sessions_per_user",
+            "scrollback_bytes",
+            "client_queue_bytes",
+            "kill_grace",
+        )
+    }
     try:
         config = load(args.config).with_overrides(**overrides)
     except ConfigError as exc:
@@ -140,8 +169,9 @@ def _daemonize(log_dir: str) -> int:
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.makedirs(log_dir, exist_ok=True)
-    log = os.open(os.path.join(log_dir, "server.log"),
-                  os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    log = os.open(
+        os.path.join(log_dir, "server.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
+    )
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -159,15 +189,22 @@ def _client_parser() -> argparse.ArgumentParser:
         description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
         epilog="commands: aaau [claude|codex], aaau ls [--json], aaau status ID, aaau kill ID",
     )
-    parser.add_argument("-s", "--socket", default=os.environ.get("AAAU_SOCKET",
-                                                                 "/run/aaau/aaau.sock"))
+    parser.add_argument(
+        "-s", "--socket", default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock")
+    )
     parser.add_argument("-p", "--program", help="the program and its arguments, split like a shell")
     parser.add_argument("-n", "--session", help="join this session")
     parser.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
     parser.add_argument("--share", action="store_true", help="let other members type too")
     parser.add_argument("-C", "--cwd", help="the agent's working directory")
-    parser.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for the agent (repeatable)")
+    parser.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the agent (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="with ls: machine-readable")
     parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
     return parser
@@ -190,8 +227,9 @@ def client_main(argv: list[str] | None = None) -> int:
         if len(words) != 2:
             return usage(f"usage: aaau {words[0]} SESSION_ID")
         try:
-            request: m.ClientMessage = (m.QueryStatus(v, words[1]) if words[0] == "status"
-                                        else m.Kill(v, words[1]))
+            request: m.ClientMessage = (
+                m.QueryStatus(v, words[1]) if words[0] == "status" else m.Kill(v, words[1])
+            )
         except ValueError:
             return usage(f"invalid session id {words[1]!r}")
         return client.run_client(_one_shot_print, sock, request)
@@ -225,9 +263,16 @@ def client_main(argv: list[str] | None = None) -> int:
         env[name] = value
     rows, cols = window_size(0) if os.isatty(0) else window_size(1)
     try:
-        create = m.Create(v, rows=rows, cols=cols, term=os.environ.get("TERM", "xterm-256color"),
-                          argv=argv_, share=args.share,
-                          cwd=os.path.abspath(args.cwd) if args.cwd else None, env=env)
+        create = m.Create(
+            v,
+            rows=rows,
+            cols=cols,
+            term=os.environ.get("TERM", "xterm-256color"),
+            argv=argv_,
+            share=args.share,
+            cwd=os.path.abspath(args.cwd) if args.cwd else None,
+            env=env,
+        )
     except ValueError as exc:
         return usage(str(exc))
     return client.run_client(client.attach, sock, create)

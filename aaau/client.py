@@ -7,7 +7,6 @@ forwarded as input and its end becomes the agent's end of input.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -189,9 +188,7 @@ def _write_stdout(data: bytes) -> None:
         view = view[os.write(1, view) :]
 
 
-async def _keyboard(
-    link: _Link, tty: trio.lowlevel.FdStream, role: m.Role, finish: Any
-) -> None:
+async def _keyboard(link: _Link, tty: trio.lowlevel.FdStream, role: m.Role, finish: Any) -> None:
     escape = EscapeFilter()
     while data := await tty.receive_some(4096):
         data, detach = escape.feed(data)

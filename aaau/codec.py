@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import cattrs
 from cattrs.preconf.json import make_converter
-from cattrs.v import format_exception
 from cattrs.strategies import configure_tagged_union
+from cattrs.v import format_exception
 
 from . import messages as m
 from .protocol import Kind, ProtocolError, encode_frame
@@ -57,13 +57,14 @@ def _make() -> cattrs.Converter:
 
 converter = _make()
 
-_CLIENT_TAGS = {_tag_of(c) for c in m.ClientMessage.__args__}  # type: ignore[attr-defined]
-_SERVER_TAGS = {_tag_of(c) for c in m.ServerMessage.__args__}  # type: ignore[attr-defined]
+_SERVER_TYPES = frozenset(get_args(m.ServerMessage))
+_CLIENT_TAGS = {_tag_of(c) for c in get_args(m.ClientMessage)}
+_SERVER_TAGS = {_tag_of(c) for c in _SERVER_TYPES}
 
 
 def encode(message: m.ClientMessage | m.ServerMessage) -> bytes:
     """A message as a CONTROL frame."""
-    union = m.ServerMessage if type(message) in m.ServerMessage.__args__ else m.ClientMessage  # type: ignore[attr-defined]
+    union = m.ServerMessage if type(message) in _SERVER_TYPES else m.ClientMessage
     obj = converter.unstructure(message, unstructure_as=union)
     return encode_frame(Kind.CONTROL, json.dumps(obj, separators=(",", ":")).encode())
 

@@ -66,7 +66,9 @@ def _render(text: str, substitute: Callable[[list[str]], list[str]]) -> str:
     out = []
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
-            line = " ".join(shlex.quote(f) if f != "-" else f for f in substitute(shlex.split(line)))
+            line = " ".join(
+                shlex.quote(f) if f != "-" else f for f in substitute(shlex.split(line))
+            )
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -152,9 +154,21 @@ def _apply_sysusers(layout: Layout, conf: Path) -> None:
         if not _exists_group(name):
             _run(["groupadd", "--system", name])
     if not _exists_user(layout.agent_user):
-        _run(["useradd", "--system", "--user-group", "--home-dir", layout.agent_home,
-              "--no-create-home", "--shell", "/bin/bash", "--comment", "aaau agent",
-              layout.agent_user])
+        _run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--home-dir",
+                layout.agent_home,
+                "--no-create-home",
+                "--shell",
+                "/bin/bash",
+                "--comment",
+                "aaau agent",
+                layout.agent_user,
+            ]
+        )
 
 
 def _apply_tmpfiles(text: str, conf: Path) -> None:
@@ -217,6 +231,8 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
         out(f"{state:9} {path}".replace("unchanged", "exists   "))
     out("")
     out("Next: add the people who may use agents to the group, then start the server:")
-    out(f"  usermod -aG {layout.group} NAME      (admins: usermod -aG "
-        f"{layout.group},{layout.admin_group} NAME)")
+    out(
+        f"  usermod -aG {layout.group} NAME      (admins: usermod -aG "
+        f"{layout.group},{layout.admin_group} NAME)"
+    )
     out("  aaau-server run")

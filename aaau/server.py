@@ -72,14 +72,20 @@ class _Connection:
 
 
 class Server:
-    def __init__(self, config: Config, *, config_file: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_file: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.config_file = config_file
         self.overrides = overrides or {}
         self.sessions: dict[str, Session] = {}
-        self.groups = credentials.resolve_groups(config.agent_user, config.group,
-                                                 config.admin_group)
+        self.groups = credentials.resolve_groups(
+            config.agent_user, config.group, config.admin_group
+        )
         self._shutdown = trio.Event()
         self._lock_fd = -1
         self.audit: AuditLog | None = None
@@ -171,9 +177,15 @@ class Server:
         self._check_agent()
         self.audit = audit = self._open_audit()
         listener = await self._listen()
-        audit.write("server_start", content=f"pid {os.getpid()}",
-                    metadata={"socket": self.config.socket, "pid": os.getpid(),
-                              "agent_user": self.config.agent_user})
+        audit.write(
+            "server_start",
+            content=f"pid {os.getpid()}",
+            metadata={
+                "socket": self.config.socket,
+                "pid": os.getpid(),
+                "agent_user": self.config.agent_user,
+            },
+        )
         log.info("listening", socket=self.config.socket, pid=os.getpid())
         try:
             async with trio.open_nursery() as sessions_nursery:
@@ -188,24 +200,32 @@ class Server:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.config.socket)
                     for session in list(self.sessions.values()):
-                        session.notify_all(m.Error(m.ErrorCode.SHUTDOWN, "the server is shutting down"))
+                        session.notify_all(
+                            m.Error(m.ErrorCode.SHUTDOWN, "the server is shutting down")
+                        )
                         session.kill_all()
-                    with trio.move_on_after(self.config.shutdown_grace + 2 * self.config.kill_grace):
+                    with trio.move_on_after(
+                        self.config.shutdown_grace + 2 * self.config.kill_grace
+                    ):
                         while self.sessions:
                             await next(iter(self.sessions.values())).ended.wait()
                     conns.cancel_scope.deadline = trio.current_time() + 1
                 sessions_nursery.cancel_scope.cancel()
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(self.config.socket) and self._shutdown.is_set():
+            if self._shutdown.is_set():
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.config.socket)
-            audit.write("server_stop", content=f"pid {os.getpid()}",
-                        metadata={"sessions_left": len(self.sessions)})
+            audit.write(
+                "server_stop",
+                content=f"pid {os.getpid()}",
+                metadata={"sessions_left": len(self.sessions)},
+            )
             audit.close()
             log.info("stopped")
 
-    async def _accept(self, listener: trio.SocketListener, scope: trio.CancelScope,
-                      conns: trio.Nursery) -> None:
+    async def _accept(
+        self, listener: trio.SocketListener, scope: trio.CancelScope, conns: trio.Nursery
+    ) -> None:
         with scope:
             async with listener:
                 while True:
@@ -242,11 +262,14 @@ class Server:
             self.audit.write("reload_failed", content=str(exc))
             return
         # the socket, agent user and log directory only change on restart
-        self.config = fresh.with_overrides(agent_user=self.config.agent_user,
-                                           socket=self.config.socket,
-                                           log_dir=self.config.log_dir)
-        self.groups = credentials.resolve_groups(self.config.agent_user, self.config.group,
-                                                 self.config.admin_group)
+        self.config = fresh.with_overrides(
+            agent_user=self.config.agent_user,
+            socket=self.config.socket,
+            log_dir=self.config.log_dir,
+        )
+        self.groups = credentials.resolve_groups(
+            self.config.agent_user, self.config.group, self.config.admin_group
+        )
         self.audit.reopen(gid=self.groups.admin_gid)
         self.audit.write("reload", content="configuration and group membership reloaded")
         for session in list(self.sessions.values()):
@@ -265,15 +288,21 @@ class Server:
         if isinstance(standing, Refusal):
             session.revoke(att, f"access revoked: {standing.reason}")
             return
-        allowed = policy.max_role(standing, fresh.uid, creator_uid=session.creator.uid,
-                                  shared=session.shared)
+        allowed = policy.max_role(
+            standing, fresh.uid, creator_uid=session.creator.uid, shared=session.shared
+        )
         att.identity, att.standing = fresh, standing
         if att.role.rank > allowed.rank:
             assert self.audit is not None
-            self.audit.write("role_changed", user=fresh.user, uid=fresh.uid, role=allowed,
-                             session_id=session.id,
-                             content=f"{att.role.value} -> {allowed.value}",
-                             metadata={"client_id": att.client_id})
+            self.audit.write(
+                "role_changed",
+                user=fresh.user,
+                uid=fresh.uid,
+                role=allowed,
+                session_id=session.id,
+                content=f"{att.role.value} -> {allowed.value}",
+                metadata={"client_id": att.client_id},
+            )
             att.role = allowed
             att.send(m.RoleChanged(allowed, "group membership changed"))
 
@@ -296,8 +325,7 @@ class Server:
                     standing = policy.admit(identity, self.groups)
                 peer = {"peer_pid": pid, "peer_gid": gid}
                 if isinstance(standing, Refusal):
-                    audit.write("connection_refused", content=standing.reason, metadata=peer,
-                                **who)
+                    audit.write("connection_refused", content=standing.reason, metadata=peer, **who)
                     await _Connection(stream, 0).send(m.Error(m.ErrorCode.REFUSED, standing.reason))
                     return
                 audit.write("connection_accepted", content=standing.value, metadata=peer, **who)
@@ -315,10 +343,18 @@ class Server:
         with trio.move_on_after(self.config.handshake_timeout) as scope:
             frame = await conn.next_frame()
         if scope.cancelled_caught:
-            self.audit.write("handshake_timeout", user=identity.user, uid=identity.uid,
-                             content=f"no hello within {self.config.handshake_timeout} s")
-            await conn.send(m.Error(m.ErrorCode.TIMEOUT, "no handshake within "
-                                    f"{self.config.handshake_timeout} seconds"))
+            self.audit.write(
+                "handshake_timeout",
+                user=identity.user,
+                uid=identity.uid,
+                content=f"no hello within {self.config.handshake_timeout} s",
+            )
+            await conn.send(
+                m.Error(
+                    m.ErrorCode.TIMEOUT,
+                    f"no handshake within {self.config.handshake_timeout} seconds",
+                )
+            )
             return
         if frame is None:
             return
@@ -326,19 +362,30 @@ class Server:
             raise ProtocolError("the first frame must be a control message (hello)")
         hello = codec.decode_client(frame.payload)
         if not isinstance(hello, m.Create | m.Join | m.ListSessions | m.QueryStatus | m.Kill):
-            raise ProtocolError(f"expected create, join, list_sessions, query_status or kill, "
-                                f"got {codec._tag_of(type(hello))}", code=m.ErrorCode.BAD_MESSAGE)
+            raise ProtocolError(
+                f"expected create, join, list_sessions, query_status or kill, "
+                f"got {codec._tag_of(type(hello))}",
+                code=m.ErrorCode.BAD_MESSAGE,
+            )
         if hello.version != m.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {hello.version} is not supported "
-                                f"(this server speaks {m.PROTOCOL_VERSION})",
-                                code=m.ErrorCode.VERSION)
-        who = {"user": identity.user, "uid": identity.uid}
-        self.audit.write("control", source="human", content=codec._tag_of(type(hello)),
-                         session_id=getattr(hello, "session_id", None), **who)
+            raise ProtocolError(
+                f"protocol version {hello.version} is not supported "
+                f"(this server speaks {m.PROTOCOL_VERSION})",
+                code=m.ErrorCode.VERSION,
+            )
+        who: dict[str, Any] = {"user": identity.user, "uid": identity.uid}
+        self.audit.write(
+            "control",
+            source="human",
+            content=codec._tag_of(type(hello)),
+            session_id=getattr(hello, "session_id", None),
+            **who,
+        )
         try:
             if isinstance(hello, m.ListSessions):
-                await conn.send(m.Sessions(tuple(s.info() for s in self.sessions.values()
-                                                 if s.alive)))
+                await conn.send(
+                    m.Sessions(tuple(s.info() for s in self.sessions.values() if s.alive))
+                )
             elif isinstance(hello, m.QueryStatus):
                 session = self._find(hello.session_id)
                 await conn.send(m.Status(session.info(), session.alive))
@@ -347,8 +394,9 @@ class Server:
                 allowed = standing is Standing.ADMIN or identity.uid == session.creator.uid
                 if not allowed:
                     self._deny(identity, None, session.id, "force_kill")
-                    raise SessionError(m.ErrorCode.FORBIDDEN,
-                                       "only an admin or the session's creator may kill it")
+                    raise SessionError(
+                        m.ErrorCode.FORBIDDEN, "only an admin or the session's creator may kill it"
+                    )
                 session.force_kill(identity, _standing_role(standing))
                 with trio.move_on_after(3 * self.config.kill_grace + 2):
                     await session.ended.wait()
@@ -360,9 +408,17 @@ class Server:
                 session = self._find(hello.session_id)
                 await self._attached(conn, session, identity, standing, hello.role, created=False)
         except SessionError as exc:
-            self.audit.write("request_failed", content=str(exc), metadata={"code": exc.code},
-                             session_id=getattr(hello, "session_id", None), **who)
+            self.audit.write(
+                "request_failed",
+                content=str(exc),
+                metadata={"code": exc.code},
+                session_id=getattr(hello, "session_id", None),
+                **who,
+            )
             await conn.send(m.Error(exc.code, str(exc)))
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
 
     def _find(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -370,50 +426,91 @@ class Server:
             raise SessionError(m.ErrorCode.UNKNOWN_SESSION, f"no session {session_id}")
         return session
 
-    def _deny(self, identity: Identity, role: m.Role | None, session_id: str | None,
-              action: str) -> None:
+    def _deny(
+        self, identity: Identity, role: m.Role | None, session_id: str | None, action: str
+    ) -> None:
         assert self.audit is not None
-        self.audit.write("denied", source="human", user=identity.user, uid=identity.uid,
-                         role=role, session_id=session_id, content=action)
+        self.audit.write(
+            "denied",
+            source="human",
+            user=identity.user,
+            uid=identity.uid,
+            role=role,
+            session_id=session_id,
+            content=action,
+        )
 
     async def _create(self, identity: Identity, req: m.Create) -> Session:
         cfg = self.config
         if len(self.sessions) >= cfg.max_sessions:
-            raise SessionError(m.ErrorCode.LIMIT, f"the server already runs {len(self.sessions)} "
-                               f"sessions (limit {cfg.max_sessions})")
+            raise SessionError(
+                m.ErrorCode.LIMIT,
+                f"the server already runs {len(self.sessions)} sessions (limit {cfg.max_sessions})",
+            )
         mine = sum(1 for s in self.sessions.values() if s.creator.uid == identity.uid)
         if mine >= cfg.sessions_per_user:
-            raise SessionError(m.ErrorCode.LIMIT, f"{identity.user} already runs {mine} sessions "
-                               f"(limit {cfg.sessions_per_user})")
+            raise SessionError(
+                m.ErrorCode.LIMIT,
+                f"{identity.user} already runs {mine} sessions (limit {cfg.sessions_per_user})",
+            )
         try:
             agent = pwd.getpwnam(cfg.agent_user)
         except KeyError:
-            raise SessionError(m.ErrorCode.SPAWN_FAILED,
-                               f"agent user {cfg.agent_user} does not exist") from None
+            raise SessionError(
+                m.ErrorCode.SPAWN_FAILED, f"agent user {cfg.agent_user} does not exist"
+            ) from None
         session_id = secrets.token_urlsafe(16)
         try:
-            plan = spawn.plan(cfg, agent, session_id=session_id, argv=req.argv, term=req.term,
-                              cwd=req.cwd, extra_env=req.env,
-                              cgroup=reaper.make_session_cgroup(session_id))
+            plan = spawn.plan(
+                cfg,
+                agent,
+                session_id=session_id,
+                argv=req.argv,
+                term=req.term,
+                cwd=req.cwd,
+                extra_env=req.env,
+                cgroup=reaper.make_session_cgroup(session_id),
+            )
         except spawn.SpawnError as exc:
             raise SessionError(m.ErrorCode.SPAWN_FAILED, str(exc)) from None
         assert self.audit is not None
-        session = Session(session_id, identity, argv=plan.argv, shared=req.share,
-                          rows=req.rows, cols=req.cols, config=cfg, audit=self.audit,
-                          on_end=lambda s: self.sessions.pop(s.id, None))
+        session = Session(
+            session_id,
+            identity,
+            argv=plan.argv,
+            shared=req.share,
+            rows=req.rows,
+            cols=req.cols,
+            config=cfg,
+            audit=self.audit,
+            on_end=self._forget,
+        )
         try:
             await self._sessions_nursery.start(session.run, plan)
         except spawn.SpawnError as exc:
-            self.audit.write("spawn_failed", user=identity.user, uid=identity.uid,
-                             session_id=session_id, content=str(exc),
-                             metadata={"argv": list(plan.argv)})
+            self.audit.write(
+                "spawn_failed",
+                user=identity.user,
+                uid=identity.uid,
+                session_id=session_id,
+                content=str(exc),
+                metadata={"argv": list(plan.argv)},
+            )
             raise SessionError(m.ErrorCode.SPAWN_FAILED, str(exc)) from None
         self.sessions[session_id] = session
         log.info("session-started", session_id=session_id, user=identity.user)
         return session
 
-    async def _attached(self, conn: _Connection, session: Session, identity: Identity,
-                        standing: Standing, requested: m.Role | None, *, created: bool) -> None:
+    async def _attached(
+        self,
+        conn: _Connection,
+        session: Session,
+        identity: Identity,
+        standing: Standing,
+        requested: m.Role | None,
+        *,
+        created: bool,
+    ) -> None:
         att = session.attach(identity, standing, requested, created=created)
         reason = "connection closed"
         try:
@@ -425,9 +522,15 @@ class Server:
                 except ProtocolError as exc:
                     reason = f"protocol error: {exc}"
                     assert self.audit is not None
-                    self.audit.write("protocol_error", user=identity.user, uid=identity.uid,
-                                     role=att.role, session_id=session.id, content=str(exc),
-                                     metadata={"code": exc.code, "client_id": att.client_id})
+                    self.audit.write(
+                        "protocol_error",
+                        user=identity.user,
+                        uid=identity.uid,
+                        role=att.role,
+                        session_id=session.id,
+                        content=str(exc),
+                        metadata={"code": exc.code, "client_id": att.client_id},
+                    )
                     att.send(m.Error(exc.code, str(exc)))
                 session.detach(att, reason)
                 att.cut_off(1.0)
@@ -440,9 +543,14 @@ class Server:
                 await conn.stream.send_all(data)
             if att.queue.overflowed:
                 with trio.move_on_after(1):
-                    await conn.stream.send_all(codec.encode(m.Error(
-                        m.ErrorCode.TOO_SLOW,
-                        f"disconnected: more than {att.queue.limit} bytes of output unread")))
+                    await conn.stream.send_all(
+                        codec.encode(
+                            m.Error(
+                                m.ErrorCode.TOO_SLOW,
+                                f"disconnected: more than {att.queue.limit} bytes of output unread",
+                            )
+                        )
+                    )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -468,10 +576,16 @@ class Server:
     def _handle(self, session: Session, att: Attachment, msg: m.ClientMessage) -> None:
         assert self.audit is not None
         if not isinstance(msg, m.Resize):
-            self.audit.write("control", source="human", user=att.identity.user,
-                             uid=att.identity.uid, role=att.role, session_id=session.id,
-                             content=codec._tag_of(type(msg)),
-                             metadata={"client_id": att.client_id})
+            self.audit.write(
+                "control",
+                source="human",
+                user=att.identity.user,
+                uid=att.identity.uid,
+                role=att.role,
+                session_id=session.id,
+                content=codec._tag_of(type(msg)),
+                metadata={"client_id": att.client_id},
+            )
         if isinstance(msg, m.Resize):
             if policy.may_write(att.role):
                 session.resize(att, msg.rows, msg.cols)
@@ -485,14 +599,17 @@ class Server:
             if policy.may_kill(att.role, att.identity.uid, creator_uid=session.creator.uid):
                 session.force_kill(att.identity, att.role)
             else:
-                self._refuse(session, att, "force_kill",
-                             "only an admin or the session's creator may kill it")
+                self._refuse(
+                    session, att, "force_kill", "only an admin or the session's creator may kill it"
+                )
         elif isinstance(msg, m.InputEof):
             if not policy.may_write(att.role):
                 self._refuse(session, att, "input_eof", "read-only clients cannot send input")
         else:
-            raise ProtocolError(f"{codec._tag_of(type(msg))} is not allowed inside a session",
-                                code=m.ErrorCode.BAD_MESSAGE)
+            raise ProtocolError(
+                f"{codec._tag_of(type(msg))} is not allowed inside a session",
+                code=m.ErrorCode.BAD_MESSAGE,
+            )
 
     def _refuse(self, session: Session, att: Attachment, action: str, message: str) -> None:
         self._deny(att.identity, att.role, session.id, action)

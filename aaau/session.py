@@ -23,6 +23,7 @@ import termios
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -147,9 +148,7 @@ class Session:
         self._pty: trio.lowlevel.FdStream | None = None
         self._cgroup: Path | None = None
         self._scrollback = bytearray()
-        self._input_send, self._input_recv = trio.open_memory_channel[tuple[Attachment, bytes]](
-            32
-        )
+        self._input_send, self._input_recv = trio.open_memory_channel[tuple[Attachment, bytes]](32)
         self._reader_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._killing = False
@@ -202,7 +201,7 @@ class Session:
                 self._nursery = nursery
                 nursery.start_soon(self._read_pty)
                 nursery.start_soon(self._write_pty)
-                returncode = await agent.process.wait()
+                await agent.process.wait()
                 self.alive = False
                 # whatever the agent left behind in its tty session or cgroup ends with it
                 await reaper.terminate(agent.process.pid, self._cgroup, self.config.kill_grace)
@@ -302,17 +301,19 @@ class Session:
             veof = b"\x04"
         if isinstance(veof, int):
             veof = bytes([veof])
+        assert isinstance(veof, bytes)
         return veof if self._last_input_byte in (b"\n", b"\r") else veof * 2
 
     # --- clients ----------------------------------------------------------------------------
 
-    def _who(self, att: Attachment) -> dict[str, object]:
+    def _who(self, att: Attachment, **metadata: Any) -> dict[str, Any]:
+        """The audit fields naming a client, plus ``metadata``."""
         return {
             "user": att.identity.user,
             "uid": att.identity.uid,
             "role": att.role,
             "session_id": self.id,
-            "metadata": {"client_id": att.client_id},
+            "metadata": {"client_id": att.client_id, **metadata},
         }
 
     def attach(
@@ -335,9 +336,12 @@ class Session:
         self.audit.write(
             "join",
             source="human",
-            **{**self._who(att), "metadata": {"client_id": att.client_id, "created": created,
-                                             "requested_role": requested.value if requested else None,
-                                             "peer_pid": identity.pid}},
+            **self._who(
+                att,
+                created=created,
+                requested_role=requested.value if requested else None,
+                peer_pid=identity.pid,
+            ),
         )
         att.send(
             m.Welcome(
@@ -399,10 +403,8 @@ class Session:
 
     async def send_input(self, att: Attachment, data: bytes) -> None:
         """Queue input (b"" for end of input); waits while the agent is not reading."""
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._input_send.send((att, data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     def resize(self, att: Attachment, rows: int, cols: int) -> None:
         assert self._agent is not None
@@ -410,8 +412,7 @@ class Session:
             "resize",
             source="human",
             content=f"{rows}x{cols}",
-            **{**self._who(att), "metadata": {"client_id": att.client_id, "rows": rows,
-                                             "cols": cols, "previous": f"{self.rows}x{self.cols}"}},
+            **self._who(att, rows=rows, cols=cols, previous=f"{self.rows}x{self.cols}"),
         )
         set_winsize(self._agent.master_fd, rows, cols)
         self.rows, self.cols = rows, cols

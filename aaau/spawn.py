@@ -28,6 +28,10 @@ from .config import Config
 PROTECTED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "AAAU_SESSION_ID"})
 
 
+#: How long the launcher may take to report the agent started (PAM included).
+_START_TIMEOUT = 15.0
+
+
 class SpawnError(Exception):
     """The agent could not be started; the message is meant for the client."""
 
@@ -72,6 +76,7 @@ def plan(
     shell = agent.pw_shell or "/bin/sh"
     if argv is None:
         argv = config.default_program or None
+    full_argv: tuple[str, ...]
     if argv is None:
         # the agent user's shell as a login shell, by the argv[0] convention
         executable, full_argv = shell, ("-" + os.path.basename(shell),)
@@ -130,7 +135,7 @@ async def _read_status(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-async def spawn(p: SpawnPlan, *, rows: int, cols: int, timeout: float = 15.0) -> Agent:
+async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
     """Start the agent. Raises SpawnError with a client-facing message on failure."""
     master, slave = os.openpty()
     plan_fd = status_r = status_w = -1
@@ -160,7 +165,7 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int, timeout: float = 15.0) ->
             if fd >= 0:
                 os.close(fd)
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(_START_TIMEOUT):
             status = await _read_status(status_r)
     except trio.TooSlowError:
         process.kill()

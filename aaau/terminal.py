@@ -16,9 +16,7 @@ DEFAULT_SIZE = (24, 80)
 def window_size(fd: int) -> tuple[int, int]:
     """(rows, cols) of the terminal on ``fd``, or 24x80 when it is not one."""
     try:
-        rows, cols, _, _ = struct.unpack(
-            "HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
-        )
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
     except OSError:
         return DEFAULT_SIZE
     if rows <= 0 or cols <= 0:

@@ -66,11 +66,31 @@ def accounts(base_dir: Path) -> dict[str, Any]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     result = subprocess.run(
-        [PY, "-m", "aaau", "server", "init", "--agent-user", AGENT, "--group", GROUP,
-         "--admin-group", ADMIN_GROUP, "--socket", str(base_dir / "init-run" / "aaau.sock"),
-         "--log-dir", str(base_dir / "init-log"), "--home", f"/var/lib/{AGENT}",
-         "--sysconf-dir", str(base_dir / "etc")],
-        capture_output=True, text=True, cwd="/", check=False,
+        [
+            PY,
+            "-m",
+            "aaau",
+            "server",
+            "init",
+            "--agent-user",
+            AGENT,
+            "--group",
+            GROUP,
+            "--admin-group",
+            ADMIN_GROUP,
+            "--socket",
+            str(base_dir / "init-run" / "aaau.sock"),
+            "--log-dir",
+            str(base_dir / "init-log"),
+            "--home",
+            f"/var/lib/{AGENT}",
+            "--sysconf-dir",
+            str(base_dir / "etc"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     for user, groups in USERS.items():
@@ -114,7 +134,9 @@ socket.send_fds(socket.socket(fileno=fd), [b"OK"], [s.fileno()])
 """
 
 
-async def connect_as(user: str, path: str, extra_groups: list[int] | None = None) -> trio.SocketStream:
+async def connect_as(
+    user: str, path: str, extra_groups: list[int] | None = None
+) -> trio.SocketStream:
     """A connection to ``path`` made by a process running as ``user``.
 
     ``extra_groups`` replaces the process's supplementary groups (to model a
@@ -125,9 +147,12 @@ async def connect_as(user: str, path: str, extra_groups: list[int] | None = None
     try:
         await trio.run_process(
             [PY, "-I", "-c", _CONNECT, path, str(theirs.fileno())],
-            user=uid, group=gid,
+            user=uid,
+            group=gid,
             extra_groups=groups if extra_groups is None else extra_groups,
-            pass_fds=(theirs.fileno(),), cwd="/", env={},
+            pass_fds=(theirs.fileno(),),
+            cwd="/",
+            env={},
         )
         theirs.close()
         msg, fds, _, _ = socket.recv_fds(ours, 1024, 1)
@@ -176,8 +201,10 @@ class Peer:
         with trio.fail_after(timeout):
             while not (value := predicate()):
                 if self.closed:
-                    raise AssertionError(f"connection closed; controls={self.controls!r}, "
-                                         f"output tail={bytes(self.output[-300:])!r}")
+                    raise AssertionError(
+                        f"connection closed; controls={self.controls!r}, "
+                        f"output tail={bytes(self.output[-300:])!r}"
+                    )
                 await self._pump()
         return value
 
@@ -187,6 +214,7 @@ class Peer:
                 if isinstance(msg, cls):
                     return self.controls.pop(i)
             return None
+
         return await self.until(found, timeout)
 
     async def expect_output(self, needle: bytes, timeout: float = 10.0) -> None:
@@ -219,8 +247,11 @@ class ServerProc:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
 
     def records(self, command_type: str, **match: Any) -> list[dict[str, Any]]:
-        return [r for r in self.audit() if r["command_type"] == command_type
-                and all(r.get(k) == v for k, v in match.items())]
+        return [
+            r
+            for r in self.audit()
+            if r["command_type"] == command_type and all(r.get(k) == v for k, v in match.items())
+        ]
 
     async def peer(self, user: str, hello: m.ClientMessage | None = None, **kw: Any) -> Peer:
         peer = Peer(await connect_as(user, str(self.socket), **kw))
@@ -229,19 +260,26 @@ class ServerProc:
             await peer.send(hello)
         return peer
 
-    async def create(self, user: str, argv: tuple[str, ...] | None, **kw: Any) -> tuple[Peer, m.Welcome]:
-        peer = await self.peer(user, m.Create(m.PROTOCOL_VERSION, rows=24, cols=80,
-                                              term="xterm", argv=argv, **kw))
-        welcome = await peer.until(lambda: next(
-            (c for c in peer.controls if isinstance(c, m.Welcome | m.Error)), None))
+    async def create(
+        self, user: str, argv: tuple[str, ...] | None, **kw: Any
+    ) -> tuple[Peer, m.Welcome]:
+        peer = await self.peer(
+            user, m.Create(m.PROTOCOL_VERSION, rows=24, cols=80, term="xterm", argv=argv, **kw)
+        )
+        welcome = await peer.until(
+            lambda: next((c for c in peer.controls if isinstance(c, m.Welcome | m.Error)), None)
+        )
         peer.controls.remove(welcome)
         assert isinstance(welcome, m.Welcome), welcome
         return peer, welcome
 
-    async def join(self, user: str, session_id: str, role: m.Role | None = None) -> tuple[Peer, m.ServerMessage]:
+    async def join(
+        self, user: str, session_id: str, role: m.Role | None = None
+    ) -> tuple[Peer, m.ServerMessage]:
         peer = await self.peer(user, m.Join(m.PROTOCOL_VERSION, session_id, role))
-        reply = await peer.until(lambda: next(
-            (c for c in peer.controls if isinstance(c, m.Welcome | m.Error)), None))
+        reply = await peer.until(
+            lambda: next((c for c in peer.controls if isinstance(c, m.Welcome | m.Error)), None)
+        )
         peer.controls.remove(reply)
         return peer, reply
 
@@ -252,24 +290,53 @@ _counter = iter(range(10**6))
 
 
 @pytest.fixture
-async def start_server(accounts: dict[str, Any], base_dir: Path,
-                       nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+async def start_server(
+    accounts: dict[str, Any], base_dir: Path, nursery: trio.Nursery
+) -> AsyncIterator[ServerFactory]:
     """Start real servers (subprocesses); all are stopped with SIGTERM at the end."""
     started: list[ServerProc] = []
 
-    async def start(*args: str, env: dict[str, str] | None = None,
-                    expect_ready: bool = True) -> ServerProc:
+    async def start(
+        *args: str, env: dict[str, str] | None = None, expect_ready: bool = True
+    ) -> ServerProc:
         n = next(_counter)
         run_dir = base_dir / f"run-{n}"
         log_dir = base_dir / f"log-{n}"
         sock = run_dir / "aaau.sock"
         r, w = os.pipe()
-        argv = [PY, "-m", "aaau", "server", "run", "--agent-user", AGENT, "--group", GROUP,
-                "--admin-group", ADMIN_GROUP, "--socket", str(sock), "--log-dir", str(log_dir),
-                "--ready-fd", str(w), "--kill-grace", "0.5", *args]
-        process = await nursery.start(lambda task_status: trio.run_process(
-            argv, pass_fds=(w,), cwd="/", check=False, env=env or _server_env(),
-            task_status=task_status, stderr=subprocess.DEVNULL))
+        argv = [
+            PY,
+            "-m",
+            "aaau",
+            "server",
+            "run",
+            "--agent-user",
+            AGENT,
+            "--group",
+            GROUP,
+            "--admin-group",
+            ADMIN_GROUP,
+            "--socket",
+            str(sock),
+            "--log-dir",
+            str(log_dir),
+            "--ready-fd",
+            str(w),
+            "--kill-grace",
+            "0.5",
+            *args,
+        ]
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                argv,
+                pass_fds=(w,),
+                cwd="/",
+                check=False,
+                env=env or _server_env(),
+                task_status=task_status,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         os.close(w)
         ready = trio.lowlevel.FdStream(r)
         with trio.fail_after(20):
@@ -295,8 +362,10 @@ async def start_server(accounts: dict[str, Any], base_dir: Path,
 
 
 def _server_env() -> dict[str, str]:
-    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "AAAU_TEST_SECRET": "server-secret-must-not-leak"}
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "AAAU_TEST_SECRET": "server-secret-must-not-leak",
+    }
 
 
 @pytest.fixture
@@ -304,13 +373,21 @@ async def server(start_server: ServerFactory) -> ServerProc:
     return await start_server()
 
 
-async def run_cli(user: str, args: list[str], sock: Path | str, *, stdin: bytes = b"",
-                  timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+async def run_cli(
+    user: str, args: list[str], sock: Path | str, *, stdin: bytes = b"", timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
     """Run the real ``aaau`` client as ``user`` with piped stdin."""
     uid, gid, groups = account(user)
     with trio.fail_after(timeout):
         return await trio.run_process(
-            [PY, "-m", "aaau", *args], stdin=stdin, capture_stdout=True, capture_stderr=True,
-            check=False, user=uid, group=gid, extra_groups=groups, cwd="/",
+            [PY, "-m", "aaau", *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+            cwd="/",
             env={"AAAU_SOCKET": str(sock), "PATH": "/usr/bin:/bin", "TERM": "xterm"},
         )

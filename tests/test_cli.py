@@ -14,7 +14,17 @@ from typing import Any
 import trio
 
 from .conftest import (
-    ADMIN_GROUP, AGENT, ALICE, BOB, GROUP, PY, ServerProc, account, gid_of, root, run_cli,
+    ADMIN_GROUP,
+    AGENT,
+    ALICE,
+    BOB,
+    GROUP,
+    PY,
+    ServerProc,
+    account,
+    gid_of,
+    root,
+    run_cli,
     wait_for,
 )
 
@@ -24,16 +34,21 @@ pytestmark = root
 async def test_piped_stdin_drives_the_agent_and_exit_status_comes_back(
     server: ServerProc,
 ) -> None:
-    result = await run_cli(ALICE, ["-p", "bash --norc"], server.socket,
-                           stdin=b"echo piped-$((20+1))\nexit 7\n")
+    result = await run_cli(
+        ALICE, ["-p", "bash --norc"], server.socket, stdin=b"echo piped-$((20+1))\nexit 7\n"
+    )
     assert result.returncode == 7, result.stderr
     assert b"piped-21" in result.stdout
     assert re.search(rb"aaau: session [A-Za-z0-9_-]{22} \(interactive\)", result.stderr)
 
 
 async def test_end_of_stdin_is_end_of_input_for_the_agent(server: ServerProc) -> None:
-    result = await run_cli(ALICE, ["-p", "sh -c 'cat; echo cat-finished; exit 4'"],
-                           server.socket, stdin=b"line one\npartial")
+    result = await run_cli(
+        ALICE,
+        ["-p", "sh -c 'cat; echo cat-finished; exit 4'"],
+        server.socket,
+        stdin=b"line one\npartial",
+    )
     assert result.returncode == 4, result.stderr
     assert b"cat-finished" in result.stdout
     assert b"partial" in result.stdout
@@ -46,8 +61,7 @@ async def test_signal_exit_maps_to_128_plus_n(server: ServerProc) -> None:
 
 async def test_argv_is_never_reparsed_by_a_shell(server: ServerProc, base_dir: Path) -> None:
     marker = base_dir / "should-not-exist"
-    result = await run_cli(ALICE, ["-p", f"printf '%s|' '$(touch {marker})' 'a b'"],
-                           server.socket)
+    result = await run_cli(ALICE, ["-p", f"printf '%s|' '$(touch {marker})' 'a b'"], server.socket)
     assert result.returncode == 0
     assert f"$(touch {marker})|a b|".encode() in result.stdout
     assert not marker.exists()
@@ -109,12 +123,26 @@ async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
     seen = bytearray()
     try:
         async with trio.open_nursery() as nursery:
-            proc: Any = await nursery.start(lambda task_status: trio.run_process(
-                [PY, "-m", "aaau", "-p", "sh -c 'printf \"one\\ntwo\\n\"; exec sleep 60'"],
-                stdin=slave, stdout=slave, stderr=slave, check=False, user=uid, group=gid,
-                extra_groups=groups, start_new_session=True, cwd="/",
-                env={"AAAU_SOCKET": str(server.socket), "TERM": "xterm", "PATH": "/usr/bin:/bin"},
-                task_status=task_status))
+            proc: Any = await nursery.start(
+                lambda task_status: trio.run_process(
+                    [PY, "-m", "aaau", "-p", "sh -c 'printf \"one\\ntwo\\n\"; exec sleep 60'"],
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    check=False,
+                    user=uid,
+                    group=gid,
+                    extra_groups=groups,
+                    start_new_session=True,
+                    cwd="/",
+                    env={
+                        "AAAU_SOCKET": str(server.socket),
+                        "TERM": "xterm",
+                        "PATH": "/usr/bin:/bin",
+                    },
+                    task_status=task_status,
+                )
+            )
             await _read_until(master, b"two\r\n", seen)
             assert b"one\r\ntwo\r\n" in seen and b"\r\r\n" not in seen
             during = termios.tcgetattr(slave)
@@ -159,11 +187,32 @@ def test_init_is_idempotent_and_keeps_the_agent_out_of_the_groups(
 ) -> None:
     assert f"user {AGENT}" in accounts["init_output"]
     again = subprocess.run(
-        [PY, "-m", "aaau", "server", "init", "--agent-user", AGENT, "--group", GROUP,
-         "--admin-group", ADMIN_GROUP, "--socket", str(base_dir / "init-run" / "aaau.sock"),
-         "--log-dir", str(base_dir / "init-log"), "--home", f"/var/lib/{AGENT}",
-         "--sysconf-dir", str(base_dir / "etc")],
-        capture_output=True, text=True, cwd="/", check=False)
+        [
+            PY,
+            "-m",
+            "aaau",
+            "server",
+            "init",
+            "--agent-user",
+            AGENT,
+            "--group",
+            GROUP,
+            "--admin-group",
+            ADMIN_GROUP,
+            "--socket",
+            str(base_dir / "init-run" / "aaau.sock"),
+            "--log-dir",
+            str(base_dir / "init-log"),
+            "--home",
+            f"/var/lib/{AGENT}",
+            "--sysconf-dir",
+            str(base_dir / "etc"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=False,
+    )
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout.replace("created   ", "")
     assert f"exists  user {AGENT}" in again.stdout
@@ -186,9 +235,26 @@ def test_init_refuses_to_put_the_agent_in_the_human_group(
     subprocess.run(["gpasswd", "-a", AGENT, GROUP], check=True, capture_output=True)
     try:
         result = subprocess.run(
-            [PY, "-m", "aaau", "server", "init", "--agent-user", AGENT, "--group", GROUP,
-             "--admin-group", ADMIN_GROUP, "--sysconf-dir", str(base_dir / "etc2")],
-            capture_output=True, text=True, cwd="/", check=False)
+            [
+                PY,
+                "-m",
+                "aaau",
+                "server",
+                "init",
+                "--agent-user",
+                AGENT,
+                "--group",
+                GROUP,
+                "--admin-group",
+                ADMIN_GROUP,
+                "--sysconf-dir",
+                str(base_dir / "etc2"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            check=False,
+        )
         assert result.returncode == 1
         assert "must never be in the human or admin group" in result.stderr
         assert not (base_dir / "etc2").exists()
@@ -202,10 +268,27 @@ async def test_server_refuses_to_start_when_the_agent_is_in_the_group(
     subprocess.run(["gpasswd", "-a", AGENT, ADMIN_GROUP], check=True, capture_output=True)
     try:
         result = await trio.run_process(
-            [PY, "-m", "aaau", "server", "run", "--agent-user", AGENT, "--group", GROUP,
-             "--admin-group", ADMIN_GROUP, "--socket", str(base_dir / "refuse" / "s.sock"),
-             "--log-dir", str(base_dir / "refuse-log")],
-            capture_stderr=True, check=False, cwd="/")
+            [
+                PY,
+                "-m",
+                "aaau",
+                "server",
+                "run",
+                "--agent-user",
+                AGENT,
+                "--group",
+                GROUP,
+                "--admin-group",
+                ADMIN_GROUP,
+                "--socket",
+                str(base_dir / "refuse" / "s.sock"),
+                "--log-dir",
+                str(base_dir / "refuse-log"),
+            ],
+            capture_stderr=True,
+            check=False,
+            cwd="/",
+        )
         assert result.returncode == 1
         assert b"could connect to its own server" in result.stderr
     finally:

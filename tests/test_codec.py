@@ -7,8 +7,16 @@ from aaau import messages as m
 from aaau.protocol import HEADER_SIZE, ProtocolError
 
 CLIENT = [
-    m.Create(1, rows=24, cols=80, term="xterm-256color", argv=("claude", "--x"), share=True,
-             cwd="/srv", env={"API_KEY": "k"}),
+    m.Create(
+        1,
+        rows=24,
+        cols=80,
+        term="xterm-256color",
+        argv=("claude", "--x"),
+        share=True,
+        cwd="/srv",
+        env={"API_KEY": "k"},
+    ),
     m.Create(1, rows=1, cols=9999, term="xterm"),
     m.Join(1, "abc_DEF-123", m.Role.READONLY),
     m.Join(1, "abc"),
@@ -31,8 +39,22 @@ SERVER = [
     m.Exited(code=3, signal=None),
     m.Exited(code=None, signal=9),
     m.Pong(7),
-    m.Status(m.SessionInfo("s", "u", 1, ("a", "b"), 2, "/dev/pts/3", 1.5, 24, 80, False,
-                           (m.ClientInfo(1, "u", 1, m.Role.ADMIN),)), True),
+    m.Status(
+        m.SessionInfo(
+            "s",
+            "u",
+            1,
+            ("a", "b"),
+            2,
+            "/dev/pts/3",
+            1.5,
+            24,
+            80,
+            False,
+            (m.ClientInfo(1, "u", 1, m.Role.ADMIN),),
+        ),
+        True,
+    ),
     m.Sessions(()),
     m.Done("ok"),
 ]
@@ -69,12 +91,18 @@ def test_type_tag_is_snake_case() -> None:
         (b'{"type":"welcome","version":1}', "unknown control message type 'welcome'"),
         (b'{"type":"join","version":1,"session_id":"a/b"}', "session_id"),
         (b'{"type":"join","version":1,"session_id":"ab","role":"root"}', "role"),
-        (b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","argv":[]}',
-         "argv must not be empty"),
-        (b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","env":{"A B":"1"}}',
-         "invalid environment variable name"),
-        (b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","cwd":"rel"}',
-         "cwd must be an absolute path"),
+        (
+            b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","argv":[]}',
+            "argv must not be empty",
+        ),
+        (
+            b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","env":{"A B":"1"}}',
+            "invalid environment variable name",
+        ),
+        (
+            b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","cwd":"rel"}',
+            "cwd must be an absolute path",
+        ),
         (b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x;rm"}', "term"),
     ],
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import re
@@ -19,8 +18,20 @@ from aaau.audit import decode_content
 from aaau.protocol import Kind, encode_frame
 
 from .conftest import (
-    ADA, ADMIN_GROUP, AGENT, ALICE, BOB, EVE, GROUP, Peer, ServerFactory, ServerProc, account,
-    gid_of, root, wait_for,
+    ADA,
+    ADMIN_GROUP,
+    AGENT,
+    ALICE,
+    BOB,
+    EVE,
+    GROUP,
+    Peer,
+    ServerFactory,
+    ServerProc,
+    account,
+    gid_of,
+    root,
+    wait_for,
 )
 
 pytestmark = root
@@ -148,7 +159,8 @@ async def test_unknown_session_gets_a_clear_error(server: ServerProc) -> None:
 
 async def test_agent_runs_as_agent_user_with_a_clean_environment(server: ServerProc) -> None:
     alice, welcome = await server.create(
-        ALICE, ("sh", "-c", "id -u; id -G; pwd; env; echo END-OF-ENV; exec sleep 60"),
+        ALICE,
+        ("sh", "-c", "id -u; id -G; pwd; env; echo END-OF-ENV; exec sleep 60"),
         env={"API_KEY": "sk-secret-value"},
     )
     await alice.expect_output(b"END-OF-ENV")
@@ -164,13 +176,29 @@ async def test_agent_runs_as_agent_user_with_a_clean_environment(server: ServerP
     assert env["USER"] == AGENT and env["LOGNAME"] == AGENT and env["HOME"] == lines[2]
     assert env["TERM"] == "xterm" and env["AAAU_SESSION_ID"] == welcome.session_id
     assert env["API_KEY"] == "sk-secret-value"
-    assert set(env) <= {"PATH", "LANG", "API_KEY", "HOME", "USER", "LOGNAME", "SHELL", "TERM",
-                        "AAAU_SESSION_ID", "PWD", "SHLVL", "_"}
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "API_KEY",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "TERM",
+        "AAAU_SESSION_ID",
+        "PWD",
+        "SHLVL",
+        "_",
+    }
     # audit records the names of -e variables, never their values
     (start,) = server.records("session_start", session_id=welcome.session_id)
     assert "API_KEY" in start["metadata"]["env_names"]
-    assert "sk-secret-value" not in server.audit_path.read_text().split("END-OF-ENV")[0].split(
-        '"command_type":"output"')[0]
+    assert (
+        "sk-secret-value"
+        not in server.audit_path.read_text()
+        .split("END-OF-ENV")[0]
+        .split('"command_type":"output"')[0]
+    )
     assert start["metadata"]["argv"][0] == "sh"
     await alice.aclose()
 
@@ -218,8 +246,9 @@ async def test_signal_death_is_reported_as_a_signal(server: ServerProc) -> None:
 
 
 async def test_missing_program_is_an_error_and_leaves_no_session(server: ServerProc) -> None:
-    peer = await server.peer(ALICE, m.Create(V, rows=24, cols=80, term="xterm",
-                                             argv=("no-such-agent-program", "--x")))
+    peer = await server.peer(
+        ALICE, m.Create(V, rows=24, cols=80, term="xterm", argv=("no-such-agent-program", "--x"))
+    )
     error = await peer.expect(m.Error)
     assert error.code == "spawn-failed"
     assert "program not found: no-such-agent-program" in error.message
@@ -235,8 +264,9 @@ async def test_unenterable_working_directory_is_a_clear_error(
 ) -> None:
     private = base_dir / "private"
     private.mkdir(mode=0o700, exist_ok=True)
-    peer = await server.peer(ALICE, m.Create(V, rows=24, cols=80, term="xterm", argv=("true",),
-                                             cwd=str(private)))
+    peer = await server.peer(
+        ALICE, m.Create(V, rows=24, cols=80, term="xterm", argv=("true",), cwd=str(private))
+    )
     error = await peer.expect(m.Error)
     assert error.code == "spawn-failed"
     assert f"cannot enter working directory {private} as {AGENT}" in error.message
@@ -266,7 +296,8 @@ async def test_resize_sets_the_size_and_is_audited_with_who(server: ServerProc) 
 async def test_input_from_two_clients_keeps_whole_frames(server: ServerProc) -> None:
     # no echo: only cat writes, and it writes whole lines
     alice, welcome = await server.create(
-        ALICE, ("sh", "-c", "stty -echo; echo ready; exec cat"), share=True)
+        ALICE, ("sh", "-c", "stty -echo; echo ready; exec cat"), share=True
+    )
     await alice.expect_output(b"ready")
     alice.output.clear()
     bob, _ = await server.join(BOB, welcome.session_id)
@@ -305,8 +336,9 @@ async def test_force_kill_ends_background_jobs_and_escapees(server: ServerProc) 
     await alice.type(b"setsid sleep 1002 &\n")
     await alice.type(b"echo jobs-started\n")
     await alice.expect_output(b"jobs-started\r\n")
-    await wait_for(lambda: {"sleep 1001", "sleep 1002"} <= {
-        _cmdline(p).strip() for p in _agent_pids()})
+    await wait_for(
+        lambda: {"sleep 1001", "sleep 1002"} <= {_cmdline(p).strip() for p in _agent_pids()}
+    )
     bob, _ = await server.join(BOB, welcome.session_id)
     await bob.send(m.ForceKill())
     assert (await bob.expect(m.Error)).code == "forbidden"
@@ -317,7 +349,8 @@ async def test_force_kill_ends_background_jobs_and_escapees(server: ServerProc) 
     (kill,) = server.records("force_kill", session_id=welcome.session_id)
     assert kill["user"] == ALICE
     assert server.records("session_end", session_id=welcome.session_id)[0]["metadata"][
-        "force_killed"]
+        "force_killed"
+    ]
 
 
 async def test_kill_outside_a_session_by_creator_or_admin_only(server: ServerProc) -> None:
@@ -339,7 +372,8 @@ async def test_stalled_client_is_dropped_and_others_get_every_byte(
 ) -> None:
     server = await start_server("--client-queue-bytes", str(256 * 1024))
     alice, welcome = await server.create(
-        ALICE, ("sh", "-c", "read go; seq 1 400000; echo ALL-DONE; read x"))
+        ALICE, ("sh", "-c", "read go; seq 1 400000; echo ALL-DONE; read x")
+    )
     sid = welcome.session_id
     stalled, reply = await server.join(BOB, sid)  # never reads again
     assert isinstance(reply, m.Welcome)
@@ -351,8 +385,11 @@ async def test_stalled_client_is_dropped_and_others_get_every_byte(
     assert evicted[0]["session_id"] == sid
     left = await alice.expect(m.Left)
     assert left.client.user == BOB
-    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{server.process.pid}/status")
-                           .read_text()).group(1))  # type: ignore[union-attr]
+    rss_kb = int(
+        re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{server.process.pid}/status").read_text()).group(
+            1
+        )
+    )  # type: ignore[union-attr]
     assert rss_kb < 200_000
 
 
@@ -399,8 +436,9 @@ async def test_silent_client_times_out(start_server: ServerFactory) -> None:
 
 
 async def test_limits_are_enforced_with_clear_errors(start_server: ServerFactory) -> None:
-    server = await start_server("--sessions-per-user", "1", "--clients-per-session", "2",
-                                "--max-sessions", "2")
+    server = await start_server(
+        "--sessions-per-user", "1", "--clients-per-session", "2", "--max-sessions", "2"
+    )
     alice, welcome = await server.create(ALICE, ("cat",))
     peer = await server.peer(ALICE, m.Create(V, rows=24, cols=80, term="xterm", argv=("cat",)))
     error = await peer.expect(m.Error)
@@ -422,10 +460,27 @@ async def test_second_server_on_the_same_socket_is_refused(
     server: ServerProc, start_server: ServerFactory
 ) -> None:
     result = await trio.run_process(
-        [os.environ.get("PYTHON", __import__("sys").executable), "-m", "aaau", "server", "run",
-         "--agent-user", AGENT, "--group", GROUP, "--admin-group", ADMIN_GROUP,
-         "--socket", str(server.socket), "--log-dir", str(server.log_dir)],
-        capture_stderr=True, check=False, cwd="/")
+        [
+            os.environ.get("PYTHON", __import__("sys").executable),
+            "-m",
+            "aaau",
+            "server",
+            "run",
+            "--agent-user",
+            AGENT,
+            "--group",
+            GROUP,
+            "--admin-group",
+            ADMIN_GROUP,
+            "--socket",
+            str(server.socket),
+            "--log-dir",
+            str(server.log_dir),
+        ],
+        capture_stderr=True,
+        check=False,
+        cwd="/",
+    )
     assert result.returncode == 1
     assert b"another aaau server" in result.stderr
     alice, _ = await server.create(ALICE, ("cat",))  # the first one still serves
@@ -488,7 +543,9 @@ async def test_sighup_downgrades_an_admin_who_lost_admin_rights(server: ServerPr
 
 async def test_audit_replays_the_session_byte_for_byte(server: ServerProc) -> None:
     alice, welcome = await server.create(
-        ALICE, ("sh", "-c", "printf 'caf\\303\\251 \\377\\033[1mbold\\033[0m\\n'; read x; echo got-$x"))
+        ALICE,
+        ("sh", "-c", "printf 'caf\\303\\251 \\377\\033[1mbold\\033[0m\\n'; read x; echo got-$x"),
+    )
     await alice.expect_output(b"bold")
     await alice.type(b"answer\n")
     exited = await alice.expect(m.Exited)
@@ -498,17 +555,34 @@ async def test_audit_replays_the_session_byte_for_byte(server: ServerProc) -> No
     kinds = [r["command_type"] for r in records if r["session_id"] == sid]
     assert kinds[0] == "session_start" and kinds[-1] == "session_end"
     assert kinds.index("join") < kinds.index("input")
-    replay = b"".join(decode_content(r["content"], r["metadata"]["encoding"])
-                      for r in records if r["session_id"] == sid and r["command_type"] == "output")
+    replay = b"".join(
+        decode_content(r["content"], r["metadata"]["encoding"])
+        for r in records
+        if r["session_id"] == sid and r["command_type"] == "output"
+    )
     assert replay == bytes(alice.output)
     times = [r["timestamp"] for r in records]
     assert times == sorted(times) and any(t != int(t) for t in times)
     (inp,) = [r for r in records if r["command_type"] == "input" and r["session_id"] == sid]
     assert (inp["user"], inp["uid"], inp["role"], inp["source"]) == (
-        ALICE, account(ALICE)[0], "interactive", "human")
+        ALICE,
+        account(ALICE)[0],
+        "interactive",
+        "human",
+    )
     # the input record precedes the output it caused
-    first_echo = next(i for i, r in enumerate(records) if r["command_type"] == "output"
-                      and "got-answer" in r["content"])
+    first_echo = next(
+        i
+        for i, r in enumerate(records)
+        if r["command_type"] == "output" and "got-answer" in r["content"]
+    )
     assert records.index(inp) < first_echo
-    assert {"server_start", "connection_accepted", "session_start", "join", "input", "output",
-            "session_end"} <= {r["command_type"] for r in records}
+    assert {
+        "server_start",
+        "connection_accepted",
+        "session_start",
+        "join",
+        "input",
+        "output",
+        "session_end",
+    } <= {r["command_type"] for r in records}

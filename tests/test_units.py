@@ -20,12 +20,25 @@ AGENT = pwd.struct_passwd(("agent", "x", 990, 990, "", "/var/lib/aaau/agent", "/
 
 def test_plan_environment_is_built_from_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVER_SECRET", "x")
-    p = plan(Config(), AGENT, session_id="sid", argv=("claude", "--x"), term="xterm",
-             cwd=None, extra_env={"API_KEY": "k"})
+    p = plan(
+        Config(),
+        AGENT,
+        session_id="sid",
+        argv=("claude", "--x"),
+        term="xterm",
+        cwd=None,
+        extra_env={"API_KEY": "k"},
+    )
     assert p.env == {
-        "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "API_KEY": "k",
-        "HOME": "/var/lib/aaau/agent", "USER": "agent", "LOGNAME": "agent",
-        "SHELL": "/bin/bash", "TERM": "xterm", "AAAU_SESSION_ID": "sid",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "API_KEY": "k",
+        "HOME": "/var/lib/aaau/agent",
+        "USER": "agent",
+        "LOGNAME": "agent",
+        "SHELL": "/bin/bash",
+        "TERM": "xterm",
+        "AAAU_SESSION_ID": "sid",
     }
     assert p.argv == ("claude", "--x")
     assert p.executable == "claude"
@@ -39,15 +52,29 @@ def test_default_program_is_the_agents_login_shell() -> None:
 
 
 def test_configured_default_program() -> None:
-    p = plan(Config(default_program=("zsh", "-l")), AGENT, session_id="s", argv=None,
-             term="xterm", cwd="/srv", extra_env={})
+    p = plan(
+        Config(default_program=("zsh", "-l")),
+        AGENT,
+        session_id="s",
+        argv=None,
+        term="xterm",
+        cwd="/srv",
+        extra_env={},
+    )
     assert (p.executable, p.argv, p.cwd) == ("zsh", ("zsh", "-l"), "/srv")
 
 
 def test_client_may_not_override_identity_variables() -> None:
     with pytest.raises(SpawnError, match="HOME"):
-        plan(Config(), AGENT, session_id="s", argv=None, term="x", cwd=None,
-             extra_env={"HOME": "/root"})
+        plan(
+            Config(),
+            AGENT,
+            session_id="s",
+            argv=None,
+            term="x",
+            cwd=None,
+            extra_env={"HOME": "/root"},
+        )
 
 
 def test_root_agent_is_refused() -> None:
@@ -58,14 +85,31 @@ def test_root_agent_is_refused() -> None:
 
 def test_audit_records_are_whole_json_lines_with_private_mode(tmp_path: Path) -> None:
     log = AuditLog(str(tmp_path / "audit.jsonl"))
-    log.write("session_start", user="alice", uid=1000, role=Role.ADMIN, session_id="s",
-              content="x", metadata={"k": 1})
+    log.write(
+        "session_start",
+        user="alice",
+        uid=1000,
+        role=Role.ADMIN,
+        session_id="s",
+        content="x",
+        metadata={"k": 1},
+    )
     log.write_bytes("output", b"\xff\x00ok", source="agent", session_id="s")
     log.close()
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     first, second = (json.loads(line) for line in lines)
-    assert set(first) == {"timestamp", "seq", "source", "user", "uid", "role", "session_id",
-                          "command_type", "content", "metadata"}
+    assert set(first) == {
+        "timestamp",
+        "seq",
+        "source",
+        "user",
+        "uid",
+        "role",
+        "session_id",
+        "command_type",
+        "content",
+        "metadata",
+    }
     assert first["role"] == "admin" and first["seq"] == 1 and second["seq"] == 2
     assert isinstance(first["timestamp"], float)
     assert second["metadata"] == {"encoding": "base64", "bytes": 4}
@@ -93,8 +137,13 @@ def test_config_file_is_strict(tmp_path: Path) -> None:
 
 
 def test_init_renders_names_into_the_shipped_templates() -> None:
-    layout = provision.Layout(agent_user="bot", group="humans", admin_group="bosses",
-                              socket="/run/x/s.sock", log_dir="/var/log/x")
+    layout = provision.Layout(
+        agent_user="bot",
+        group="humans",
+        admin_group="bosses",
+        socket="/run/x/s.sock",
+        log_dir="/var/log/x",
+    )
     sysusers = provision.render_sysusers(layout)
     assert "g humans -" in sysusers and "g bosses -" in sysusers
     assert "u bot - 'aaau agent' /var/lib/aaau/bot /bin/bash" in sysusers
