@@ -213,9 +213,9 @@ async def _pipe_input(link: _Link) -> None:
 async def _winch(link: _Link, role: m.Role) -> None:
     if role is m.Role.READONLY:
         return
+    # no resize on join: a joiner must not force its size on everyone until it changes
     with trio.open_signal_receiver(signal.SIGWINCH) as signals:
         rows, cols = window_size(0)
-        await link.send(m.Resize(rows=rows, cols=cols))
         async for _ in signals:
             new = window_size(0)
             if new != (rows, cols):

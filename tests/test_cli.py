@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import signal
 import stat
+import struct
 import subprocess
 import termios
 from pathlib import Path
@@ -149,6 +152,12 @@ async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
             assert not during[3] & termios.ICANON and not during[1] & termios.OPOST
             match = re.search(rb"session ([A-Za-z0-9_-]{22})", bytes(seen))
             assert match
+            sid = match.group(1).decode()
+            # the window changes: the client sends a resize, the server applies and audits it
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+            proc.send_signal(signal.SIGWINCH)
+            (resize,) = await wait_for(lambda: server.records("resize", session_id=sid))
+            assert (resize["content"], resize["user"]) == ("33x101", ALICE)
             os.write(master, b"\r~.")
             with trio.fail_after(10):
                 assert await proc.wait() == 0
@@ -157,7 +166,6 @@ async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
         os.close(slave)
         os.close(master)
     assert after == before
-    sid = match.group(1).decode()
     listing = await run_cli(ALICE, ["ls", "--json"], server.socket)  # detach keeps the session
     assert [s["session_id"] for s in json.loads(listing.stdout)] == [sid]
     (leave,) = server.records("leave", session_id=sid)

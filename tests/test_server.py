@@ -226,6 +226,34 @@ async def test_agent_has_no_leaked_fds_and_owns_its_pty(server: ServerProc) -> N
     await alice.aclose()
 
 
+async def test_pam_session_applies_the_agents_limits(server: ServerProc) -> None:
+    limits = Path("/etc/security/limits.d/aaut-test.conf")
+    limits.parent.mkdir(parents=True, exist_ok=True)
+    limits.write_text(f"{AGENT} hard nofile 777\n{AGENT} soft nofile 777\n")
+    try:
+        alice, _ = await server.create(ALICE, ("sh", "-c", "echo limit-$(ulimit -Hn); sleep 60"))
+        await alice.expect_output(b"limit-777")
+    finally:
+        limits.unlink()
+    # the server itself never joined that PAM session
+    assert "777" not in Path(f"/proc/{server.process.pid}/limits").read_text()
+
+
+async def test_detach_keeps_the_session_and_rejoin_works(server: ServerProc) -> None:
+    alice, welcome = await server.create(ALICE, ("cat",))
+    await alice.type(b"before\n")
+    await alice.expect_output(b"before")
+    await alice.send(m.Detach())
+    await alice.until_closed()
+    again, reply = await server.join(ALICE, welcome.session_id)
+    assert isinstance(reply, m.Welcome) and reply.role is m.Role.INTERACTIVE
+    await again.expect_output(b"before")  # scrollback
+    await again.type(b"after\n")
+    await again.expect_output(b"after")
+    (leave,) = server.records("leave", session_id=welcome.session_id)
+    assert leave["content"] == "detached"
+
+
 async def test_exit_status_is_delivered_and_session_removed(server: ServerProc) -> None:
     alice, welcome = await server.create(ALICE, ("sh", "-c", "echo bye; exit 3"))
     bob, _ = await server.join(BOB, welcome.session_id)  # may race with the exit
