@@ -23,7 +23,7 @@ from .protocol import Kind, ProtocolError, encode_frame
 T = TypeVar("T")
 
 
-def _tag_of(cls: type) -> str:
+def tag_of(cls: type) -> str:
     """``QueryStatus`` -> ``"query_status"``."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
@@ -50,16 +50,16 @@ def _make() -> cattrs.Converter:
         return float(value)  # type: ignore[arg-type]
 
     conv.register_structure_hook(float, _float)
-    configure_tagged_union(m.ClientMessage, conv, tag_generator=_tag_of, tag_name="type")
-    configure_tagged_union(m.ServerMessage, conv, tag_generator=_tag_of, tag_name="type")
+    configure_tagged_union(m.ClientMessage, conv, tag_generator=tag_of, tag_name="type")
+    configure_tagged_union(m.ServerMessage, conv, tag_generator=tag_of, tag_name="type")
     return conv
 
 
 converter = _make()
 
 _SERVER_TYPES = frozenset(get_args(m.ServerMessage))
-_CLIENT_TAGS = {_tag_of(c) for c in get_args(m.ClientMessage)}
-_SERVER_TAGS = {_tag_of(c) for c in _SERVER_TYPES}
+_CLIENT_TAGS = {tag_of(c) for c in get_args(m.ClientMessage)}
+_SERVER_TAGS = {tag_of(c) for c in _SERVER_TYPES}
 
 
 def encode(message: m.ClientMessage | m.ServerMessage) -> bytes:

@@ -364,7 +364,7 @@ class Server:
         if not isinstance(hello, m.Create | m.Join | m.ListSessions | m.QueryStatus | m.Kill):
             raise ProtocolError(
                 f"expected create, join, list_sessions, query_status or kill, "
-                f"got {codec._tag_of(type(hello))}",
+                f"got {codec.tag_of(type(hello))}",
                 code=m.ErrorCode.BAD_MESSAGE,
             )
         if hello.version != m.PROTOCOL_VERSION:
@@ -377,7 +377,7 @@ class Server:
         self.audit.write(
             "control",
             source="human",
-            content=codec._tag_of(type(hello)),
+            content=codec.tag_of(type(hello)),
             session_id=getattr(hello, "session_id", None),
             **who,
         )
@@ -513,29 +513,28 @@ class Server:
     ) -> None:
         att = session.attach(identity, standing, requested, created=created)
         reason = "connection closed"
-        try:
-            async with trio.open_nursery() as nursery:
-                att.scope = nursery.cancel_scope
-                nursery.start_soon(self._pump_out, conn, att, nursery.cancel_scope)
-                try:
-                    reason = await self._pump_in(conn, session, att)
-                except ProtocolError as exc:
-                    reason = f"protocol error: {exc}"
-                    assert self.audit is not None
-                    self.audit.write(
-                        "protocol_error",
-                        user=identity.user,
-                        uid=identity.uid,
-                        role=att.role,
-                        session_id=session.id,
-                        content=str(exc),
-                        metadata={"code": exc.code, "client_id": att.client_id},
-                    )
-                    att.send(m.Error(exc.code, str(exc)))
+        async with trio.open_nursery() as nursery:
+            att.scope = nursery.cancel_scope
+            nursery.start_soon(self._pump_out, conn, att, nursery.cancel_scope)
+            try:
+                reason = await self._pump_in(conn, session, att)
+            except ProtocolError as exc:
+                reason = f"protocol error: {exc}"
+                assert self.audit is not None
+                self.audit.write(
+                    "protocol_error",
+                    user=identity.user,
+                    uid=identity.uid,
+                    role=att.role,
+                    session_id=session.id,
+                    content=str(exc),
+                    metadata={"code": exc.code, "client_id": att.client_id},
+                )
+                att.send(m.Error(exc.code, str(exc)))
+            finally:
+                # leave at once; the writer gets a moment to flush what is queued
                 session.detach(att, reason)
                 att.cut_off(1.0)
-        finally:
-            session.detach(att, reason)
 
     async def _pump_out(self, conn: _Connection, att: Attachment, scope: trio.CancelScope) -> None:
         try:
@@ -583,7 +582,7 @@ class Server:
                 uid=att.identity.uid,
                 role=att.role,
                 session_id=session.id,
-                content=codec._tag_of(type(msg)),
+                content=codec.tag_of(type(msg)),
                 metadata={"client_id": att.client_id},
             )
         if isinstance(msg, m.Resize):
@@ -607,7 +606,7 @@ class Server:
                 self._refuse(session, att, "input_eof", "read-only clients cannot send input")
         else:
             raise ProtocolError(
-                f"{codec._tag_of(type(msg))} is not allowed inside a session",
+                f"{codec.tag_of(type(msg))} is not allowed inside a session",
                 code=m.ErrorCode.BAD_MESSAGE,
             )
 

@@ -172,6 +172,45 @@ async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
     assert leave["content"] == "detached"
 
 
+async def test_terminal_is_restored_when_the_client_is_killed(server: ServerProc) -> None:
+    master, slave = os.openpty()
+    uid, gid, groups = account(ALICE)
+    os.chown(os.ttyname(slave), uid, -1)
+    before = termios.tcgetattr(slave)
+    seen = bytearray()
+    try:
+        async with trio.open_nursery() as nursery:
+            proc: Any = await nursery.start(
+                lambda task_status: trio.run_process(
+                    [PY, "-m", "aaau", "-p", "sh -c 'echo up-and-running; exec sleep 60'"],
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    check=False,
+                    user=uid,
+                    group=gid,
+                    extra_groups=groups,
+                    start_new_session=True,
+                    cwd="/",
+                    env={
+                        "AAAU_SOCKET": str(server.socket),
+                        "TERM": "xterm",
+                        "PATH": "/usr/bin:/bin",
+                    },
+                    task_status=task_status,
+                )
+            )
+            await _read_until(master, b"up-and-running", seen)
+            assert termios.tcgetattr(slave) != before
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await proc.wait() == 128 + signal.SIGTERM
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
 async def test_read_only_join_sees_output_and_cannot_type(server: ServerProc) -> None:
     alice, welcome = await server.create(ALICE, ("sh", "-c", "echo visible; read x; echo got-$x"))
     await alice.expect_output(b"visible")
