@@ -60,22 +60,23 @@ def _server_parser() -> argparse.ArgumentParser:
     init.add_argument("--sysconf-dir", default="/etc", help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="run the server (as root)")
     _layout_options(run)
-    run.add_argument("--config", help="a TOML file of settings (see docs/configuration.md)")
+    run.add_argument("--config", help="a TOML file of settings (see docs/operating.md)")
     run.add_argument(
         "--daemon", action="store_true", help="go to the background once the socket is ready"
     )
     run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
-    for name, kind in (
-        ("handshake-timeout", float),
-        ("max-frame", int),
-        ("clients-per-session", int),
-        ("max-sessions", int),
-        ("sessions-per-user", int),
-        ("scrollback-bytes", int),
-        ("client-queue-bytes", int),
-        ("kill-grace", float),
+    limits = run.add_argument_group("limits (defaults in docs/operating.md)")
+    for name, kind, text in (
+        ("handshake-timeout", float, "seconds a new connection has to say hello"),
+        ("max-frame", int, "largest frame accepted from a client, in bytes"),
+        ("clients-per-session", int, "clients attached to one session"),
+        ("max-sessions", int, "sessions in all"),
+        ("sessions-per-user", int, "sessions one person may create"),
+        ("scrollback-bytes", int, "output kept for late joiners"),
+        ("client-queue-bytes", int, "unsent output before a client is dropped as too slow"),
+        ("kill-grace", float, "seconds between SIGTERM and SIGKILL"),
     ):
-        run.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+        limits.add_argument(f"--{name}", type=kind, help=text)
     return parser
 
 

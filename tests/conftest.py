@@ -47,6 +47,46 @@ USERS = {ALICE: [GROUP], BOB: [GROUP], EVE: [], ADA: [GROUP, ADMIN_GROUP]}
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: real users, setuid, chown")
 
 
+NAMES = ["--agent-user", AGENT, "--group", GROUP, "--admin-group", ADMIN_GROUP]
+
+
+def init_argv(base_dir: Path, sysconf: str = "etc") -> list[str]:
+    """``aaau-server init`` for the test accounts."""
+    return [
+        PY,
+        "-m",
+        "aaau",
+        "server",
+        "init",
+        *NAMES,
+        "--socket",
+        str(base_dir / "init-run" / "aaau.sock"),
+        "--log-dir",
+        str(base_dir / "init-log"),
+        "--home",
+        f"/var/lib/{AGENT}",
+        "--sysconf-dir",
+        str(base_dir / sysconf),
+    ]
+
+
+def server_argv(sock: Path | str, log_dir: Path | str, *extra: str) -> list[str]:
+    """``aaau-server run`` for the test accounts."""
+    return [
+        PY,
+        "-m",
+        "aaau",
+        "server",
+        "run",
+        *NAMES,
+        "--socket",
+        str(sock),
+        "--log-dir",
+        str(log_dir),
+        *extra,
+    ]
+
+
 def _run(argv: list[str]) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
@@ -66,31 +106,7 @@ def accounts(base_dir: Path) -> dict[str, Any]:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     result = subprocess.run(
-        [
-            PY,
-            "-m",
-            "aaau",
-            "server",
-            "init",
-            "--agent-user",
-            AGENT,
-            "--group",
-            GROUP,
-            "--admin-group",
-            ADMIN_GROUP,
-            "--socket",
-            str(base_dir / "init-run" / "aaau.sock"),
-            "--log-dir",
-            str(base_dir / "init-log"),
-            "--home",
-            f"/var/lib/{AGENT}",
-            "--sysconf-dir",
-            str(base_dir / "etc"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        check=False,
+        init_argv(base_dir), capture_output=True, text=True, cwd="/", check=False
     )
     assert result.returncode == 0, result.stderr
     for user, groups in USERS.items():
@@ -297,35 +313,16 @@ async def start_server(
     started: list[ServerProc] = []
 
     async def start(
-        *args: str, env: dict[str, str] | None = None, expect_ready: bool = True
+        *args: str,
+        env: dict[str, str] | None = None,
+        expect_ready: bool = True,
+        socket_path: Path | None = None,
     ) -> ServerProc:
         n = next(_counter)
-        run_dir = base_dir / f"run-{n}"
         log_dir = base_dir / f"log-{n}"
-        sock = run_dir / "aaau.sock"
+        sock = socket_path or base_dir / f"run-{n}" / "aaau.sock"
         r, w = os.pipe()
-        argv = [
-            PY,
-            "-m",
-            "aaau",
-            "server",
-            "run",
-            "--agent-user",
-            AGENT,
-            "--group",
-            GROUP,
-            "--admin-group",
-            ADMIN_GROUP,
-            "--socket",
-            str(sock),
-            "--log-dir",
-            str(log_dir),
-            "--ready-fd",
-            str(w),
-            "--kill-grace",
-            "0.5",
-            *args,
-        ]
+        argv = server_argv(sock, log_dir, "--ready-fd", str(w), "--kill-grace", "0.5", *args)
         process = await nursery.start(
             lambda task_status: trio.run_process(
                 argv,

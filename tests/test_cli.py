@@ -11,6 +11,9 @@ import stat
 import struct
 import subprocess
 import termios
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,10 @@ from .conftest import (
     ServerProc,
     account,
     gid_of,
+    init_argv,
     root,
     run_cli,
+    server_argv,
     wait_for,
 )
 
@@ -106,29 +111,39 @@ async def test_ls_status_and_kill(server: ServerProc) -> None:
     assert json.loads(listing.stdout) == []
 
 
-async def _read_until(master: int, pattern: bytes, seen: bytearray, timeout: float = 15) -> None:
-    stream = trio.lowlevel.FdStream(os.dup(master))
-    try:
-        with trio.fail_after(timeout):
-            while pattern not in seen:
-                seen += await stream.receive_some(4096)
-    finally:
-        await stream.aclose()
+class PtyClient:
+    """The real ``aaau`` client as a user, on a terminal the test owns (the master side)."""
+
+    def __init__(self, master: int, slave: int, proc: Any) -> None:
+        self.master, self.slave, self.proc = master, slave, proc
+        self.seen = bytearray()
+
+    async def read_until(self, pattern: bytes, timeout: float = 15) -> None:
+        stream = trio.lowlevel.FdStream(os.dup(self.master))
+        try:
+            with trio.fail_after(timeout):
+                while pattern not in self.seen:
+                    self.seen += await stream.receive_some(4096)
+        finally:
+            await stream.aclose()
 
 
-async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
-    server: ServerProc,
-) -> None:
+@asynccontextmanager
+async def client_on_a_terminal(
+    user: str, args: list[str], sock: Path
+) -> AsyncIterator[tuple[PtyClient, list[Any]]]:
+    """Yields the client and [termios before]; appends termios after once it is gone."""
     master, slave = os.openpty()
-    uid, gid, groups = account(ALICE)
+    uid, gid, groups = account(user)
     os.chown(os.ttyname(slave), uid, -1)
-    before = termios.tcgetattr(slave)
-    seen = bytearray()
+    modes = [termios.tcgetattr(slave)]
+    env = {"AAAU_SOCKET": str(sock), "TERM": "xterm", "PATH": "/usr/bin:/bin"}
     try:
         async with trio.open_nursery() as nursery:
-            proc: Any = await nursery.start(
-                lambda task_status: trio.run_process(
-                    [PY, "-m", "aaau", "-p", "sh -c 'printf \"one\\ntwo\\n\"; exec sleep 60'"],
+            proc = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [PY, "-m", "aaau", *args],
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,
@@ -138,33 +153,37 @@ async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
                     extra_groups=groups,
                     start_new_session=True,
                     cwd="/",
-                    env={
-                        "AAAU_SOCKET": str(server.socket),
-                        "TERM": "xterm",
-                        "PATH": "/usr/bin:/bin",
-                    },
-                    task_status=task_status,
+                    env=env,
                 )
             )
-            await _read_until(master, b"two\r\n", seen)
-            assert b"one\r\ntwo\r\n" in seen and b"\r\r\n" not in seen
-            during = termios.tcgetattr(slave)
-            assert not during[3] & termios.ICANON and not during[1] & termios.OPOST
-            match = re.search(rb"session ([A-Za-z0-9_-]{22})", bytes(seen))
-            assert match
-            sid = match.group(1).decode()
-            # the window changes: the client sends a resize, the server applies and audits it
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-            proc.send_signal(signal.SIGWINCH)
-            (resize,) = await wait_for(lambda: server.records("resize", session_id=sid))
-            assert (resize["content"], resize["user"]) == ("33x101", ALICE)
-            os.write(master, b"\r~.")
-            with trio.fail_after(10):
-                assert await proc.wait() == 0
+            yield PtyClient(master, slave, proc), modes
     finally:
-        after = termios.tcgetattr(slave)
+        modes.append(termios.tcgetattr(slave))
         os.close(slave)
         os.close(master)
+
+
+async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
+    server: ServerProc,
+) -> None:
+    args = ["-p", "sh -c 'printf \"one\\ntwo\\n\"; exec sleep 60'"]
+    async with client_on_a_terminal(ALICE, args, server.socket) as (client, modes):
+        await client.read_until(b"two\r\n")
+        assert b"one\r\ntwo\r\n" in client.seen and b"\r\r\n" not in client.seen
+        during = termios.tcgetattr(client.slave)
+        assert not during[3] & termios.ICANON and not during[1] & termios.OPOST
+        match = re.search(rb"session ([A-Za-z0-9_-]{22})", bytes(client.seen))
+        assert match
+        sid = match.group(1).decode()
+        # the window changes: the client sends a resize, the server applies and audits it
+        fcntl.ioctl(client.master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+        client.proc.send_signal(signal.SIGWINCH)
+        (resize,) = await wait_for(lambda: server.records("resize", session_id=sid))
+        assert (resize["content"], resize["user"]) == ("33x101", ALICE)
+        os.write(client.master, b"\r~.")
+        with trio.fail_after(10):
+            assert await client.proc.wait() == 0
+    before, after = modes
     assert after == before
     listing = await run_cli(ALICE, ["ls", "--json"], server.socket)  # detach keeps the session
     assert [s["session_id"] for s in json.loads(listing.stdout)] == [sid]
@@ -173,42 +192,15 @@ async def test_terminal_client_is_raw_shows_exact_bytes_detaches_and_restores(
 
 
 async def test_terminal_is_restored_when_the_client_is_killed(server: ServerProc) -> None:
-    master, slave = os.openpty()
-    uid, gid, groups = account(ALICE)
-    os.chown(os.ttyname(slave), uid, -1)
-    before = termios.tcgetattr(slave)
-    seen = bytearray()
-    try:
-        async with trio.open_nursery() as nursery:
-            proc: Any = await nursery.start(
-                lambda task_status: trio.run_process(
-                    [PY, "-m", "aaau", "-p", "sh -c 'echo up-and-running; exec sleep 60'"],
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    check=False,
-                    user=uid,
-                    group=gid,
-                    extra_groups=groups,
-                    start_new_session=True,
-                    cwd="/",
-                    env={
-                        "AAAU_SOCKET": str(server.socket),
-                        "TERM": "xterm",
-                        "PATH": "/usr/bin:/bin",
-                    },
-                    task_status=task_status,
-                )
-            )
-            await _read_until(master, b"up-and-running", seen)
-            assert termios.tcgetattr(slave) != before
-            proc.send_signal(signal.SIGTERM)
-            with trio.fail_after(10):
-                assert await proc.wait() == 128 + signal.SIGTERM
-        assert termios.tcgetattr(slave) == before
-    finally:
-        os.close(slave)
-        os.close(master)
+    args = ["-p", "sh -c 'echo up-and-running; exec sleep 60'"]
+    async with client_on_a_terminal(ALICE, args, server.socket) as (client, modes):
+        await client.read_until(b"up-and-running")
+        assert termios.tcgetattr(client.slave) != modes[0]
+        client.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await client.proc.wait() == 128 + signal.SIGTERM
+    before, after = modes
+    assert after == before
 
 
 async def test_read_only_join_sees_output_and_cannot_type(server: ServerProc) -> None:
@@ -234,31 +226,7 @@ def test_init_is_idempotent_and_keeps_the_agent_out_of_the_groups(
 ) -> None:
     assert f"user {AGENT}" in accounts["init_output"]
     again = subprocess.run(
-        [
-            PY,
-            "-m",
-            "aaau",
-            "server",
-            "init",
-            "--agent-user",
-            AGENT,
-            "--group",
-            GROUP,
-            "--admin-group",
-            ADMIN_GROUP,
-            "--socket",
-            str(base_dir / "init-run" / "aaau.sock"),
-            "--log-dir",
-            str(base_dir / "init-log"),
-            "--home",
-            f"/var/lib/{AGENT}",
-            "--sysconf-dir",
-            str(base_dir / "etc"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd="/",
-        check=False,
+        init_argv(base_dir), capture_output=True, text=True, cwd="/", check=False
     )
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout.replace("created   ", "")
@@ -282,25 +250,7 @@ def test_init_refuses_to_put_the_agent_in_the_human_group(
     subprocess.run(["gpasswd", "-a", AGENT, GROUP], check=True, capture_output=True)
     try:
         result = subprocess.run(
-            [
-                PY,
-                "-m",
-                "aaau",
-                "server",
-                "init",
-                "--agent-user",
-                AGENT,
-                "--group",
-                GROUP,
-                "--admin-group",
-                ADMIN_GROUP,
-                "--sysconf-dir",
-                str(base_dir / "etc2"),
-            ],
-            capture_output=True,
-            text=True,
-            cwd="/",
-            check=False,
+            init_argv(base_dir, "etc2"), capture_output=True, text=True, cwd="/", check=False
         )
         assert result.returncode == 1
         assert "must never be in the human or admin group" in result.stderr
@@ -315,23 +265,7 @@ async def test_server_refuses_to_start_when_the_agent_is_in_the_group(
     subprocess.run(["gpasswd", "-a", AGENT, ADMIN_GROUP], check=True, capture_output=True)
     try:
         result = await trio.run_process(
-            [
-                PY,
-                "-m",
-                "aaau",
-                "server",
-                "run",
-                "--agent-user",
-                AGENT,
-                "--group",
-                GROUP,
-                "--admin-group",
-                ADMIN_GROUP,
-                "--socket",
-                str(base_dir / "refuse" / "s.sock"),
-                "--log-dir",
-                str(base_dir / "refuse-log"),
-            ],
+            server_argv(base_dir / "refuse" / "s.sock", base_dir / "refuse-log"),
             capture_stderr=True,
             check=False,
             cwd="/",

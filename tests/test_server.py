@@ -31,6 +31,7 @@ from .conftest import (
     account,
     gid_of,
     root,
+    server_argv,
     wait_for,
 )
 
@@ -488,23 +489,7 @@ async def test_second_server_on_the_same_socket_is_refused(
     server: ServerProc, start_server: ServerFactory
 ) -> None:
     result = await trio.run_process(
-        [
-            os.environ.get("PYTHON", __import__("sys").executable),
-            "-m",
-            "aaau",
-            "server",
-            "run",
-            "--agent-user",
-            AGENT,
-            "--group",
-            GROUP,
-            "--admin-group",
-            ADMIN_GROUP,
-            "--socket",
-            str(server.socket),
-            "--log-dir",
-            str(server.log_dir),
-        ],
+        server_argv(server.socket, server.log_dir),
         capture_stderr=True,
         check=False,
         cwd="/",
@@ -512,6 +497,17 @@ async def test_second_server_on_the_same_socket_is_refused(
     assert result.returncode == 1
     assert b"another aaau server" in result.stderr
     alice, _ = await server.create(ALICE, ("cat",))  # the first one still serves
+
+
+async def test_stale_socket_is_replaced(start_server: ServerFactory) -> None:
+    first = await start_server()
+    first.process.send_signal(signal.SIGKILL)  # dies without cleaning up
+    await first.process.wait()
+    assert first.socket.exists()
+    second = await start_server(socket_path=first.socket)
+    alice, _ = await second.create(ALICE, ("cat",))
+    await alice.type(b"new-server\n")
+    await alice.expect_output(b"new-server")
 
 
 async def test_graceful_sigterm(server: ServerProc) -> None:
