@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -188,7 +190,8 @@ def _client_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aaau",
         description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
-        epilog="commands: aaau [claude|codex], aaau ls [--json], aaau status ID, aaau kill ID",
+        epilog="commands: aaau [claude|codex], aaau ls [--json], aaau status ID, aaau kill ID, "
+        "aaau asys [-n ID] INSTRUCTION [key=value ...]",
     )
     parser.add_argument(
         "-s", "--socket", default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock")
@@ -222,6 +225,8 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"aaau: {message}", file=sys.stderr)
         return client.EXIT_ERROR
 
+    if words and words[0] == "asys":
+        return _asys(args, words[1:], usage)
     if words and words[0] in ("ls", "list"):
         return client.run_client(_ls, sock, args.json)
     if words and words[0] in ("status", "kill"):
@@ -277,6 +282,20 @@ def client_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return usage(str(exc))
     return client.run_client(client.attach, sock, create)
+
+
+def _asys(args: argparse.Namespace, words: list[str], usage: Callable[[str], int]) -> int:
+    if not words:
+        return usage("usage: aaau asys [-n SESSION_ID] INSTRUCTION [key=value ...]")
+    instruction, call_args = words[0], {}
+    for item in words[1:]:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            return usage(f"arguments are key=value, got {item!r}")
+        call_args[key] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
+    return client.run_client(
+        client.asys_call, args.socket, args.session, instruction.upper(), call_args
+    )
 
 
 async def _ls(sock: str, as_json: bool) -> int:

@@ -7,6 +7,7 @@ forwarded as input and its end becomes the agent's end of input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -83,6 +84,39 @@ async def one_shot(path: str, request: m.ClientMessage) -> m.ServerMessage:
         reply = await link.next_control()
     _fail_on_error(reply)
     return reply
+
+
+async def asys_call(
+    path: str, session_id: str | None, instruction: str, args: dict[str, int | str]
+) -> int:
+    """Run one ASys instruction (inside a session when ``session_id`` is given)."""
+    v = m.PROTOCOL_VERSION
+    if session_id is None:
+        reply = await one_shot(path, m.AsysCall(v, 1, instruction, args))
+    else:
+        link = await connect(path)
+        async with link.stream:
+            await link.send(m.Join(v, session_id))
+            welcome = await link.next_control()
+            _fail_on_error(welcome)
+            await link.send(m.AsysRequest(1, instruction, args))
+            while True:
+                frame = await link.next_frame()
+                if frame is None:
+                    raise ClientError("the server closed the connection")
+                if frame.kind is Kind.CONTROL:
+                    reply = codec.decode_server(frame.payload)
+                    if isinstance(reply, m.AsysResult | m.Exited):
+                        break
+                    _fail_on_error(reply)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await link.send(m.Detach())
+    if not isinstance(reply, m.AsysResult):
+        raise ClientError(f"no answer: the session ended ({reply})")
+    out = codec.converter.unstructure(reply)
+    del out["request_id"]
+    print_json(out)
+    return 0 if reply.sw == "9000" else 1
 
 
 def format_sessions(sessions: tuple[m.SessionInfo, ...]) -> str:

@@ -39,6 +39,13 @@ class Config:
     kill_grace: float = 2.0
     shutdown_grace: float = 5.0
     record_output: bool = True
+    #: ASys: services SVC_RESTART may restart (empty: SVC_RESTART is refused)
+    svc_allowlist: tuple[str, ...] = ()
+    #: ASys: instruction -> groups whose Interactive members may use it (Admins always may)
+    asys_grants: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    svc_timeout: float = 60.0
+    task_quota: int = 8
+    task_ttl: float = 300.0
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with every override that is not None applied."""

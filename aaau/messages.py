@@ -166,9 +166,39 @@ class InputEof:
     """The client's input ended: the agent should see end of input."""
 
 
-Hello = Create | Join | ListSessions | QueryStatus | Kill
-SessionRequest = Resize | Ping | GetStatus | ForceKill | Detach | InputEof
-ClientMessage = Create | Join | ListSessions | QueryStatus | Kill | SessionRequest
+def _asys_args(_inst: object, _attr: attrs.Attribute[Any], value: dict[str, int | str]) -> None:
+    if len(value) > 32:
+        raise ValueError("more than 32 arguments")
+    for key, val in value.items():
+        if len(key) > 64 or (isinstance(val, str) and len(val) > 4096):
+            raise ValueError(f"argument {key[:64]!r} is too long")
+
+
+_instruction = v.matches_re(r"[A-Za-z0-9_]{1,64}")
+
+
+@attrs.frozen
+class AsysCall:
+    """An ASys instruction outside any session (read-only instructions), then close."""
+
+    version: int
+    request_id: int = attrs.field(validator=[v.ge(0), v.le(2**53)])
+    instruction: str = attrs.field(validator=_instruction)
+    args: dict[str, int | str] = attrs.field(factory=dict, validator=_asys_args)
+
+
+@attrs.frozen
+class AsysRequest:
+    """An ASys instruction inside a session; answered by :class:`AsysResult`."""
+
+    request_id: int = attrs.field(validator=[v.ge(0), v.le(2**53)])
+    instruction: str = attrs.field(validator=_instruction)
+    args: dict[str, int | str] = attrs.field(factory=dict, validator=_asys_args)
+
+
+Hello = Create | Join | ListSessions | QueryStatus | Kill | AsysCall
+SessionRequest = Resize | Ping | GetStatus | ForceKill | Detach | InputEof | AsysRequest
+ClientMessage = Create | Join | ListSessions | QueryStatus | Kill | AsysCall | SessionRequest
 
 
 # --- server -> client -------------------------------------------------------------
@@ -267,8 +297,30 @@ class Done:
     message: str
 
 
+@attrs.frozen
+class AsysResult:
+    """The answer to an ASys instruction: status word, its name, and the fields."""
+
+    request_id: int
+    instruction: str
+    sw: str
+    status: str
+    result: dict[str, Any] | None = None
+    message: str = ""
+
+
 ServerMessage = (
-    Welcome | Error | Joined | Left | RoleChanged | Exited | Pong | Status | Sessions | Done
+    Welcome
+    | Error
+    | Joined
+    | Left
+    | RoleChanged
+    | Exited
+    | Pong
+    | Status
+    | Sessions
+    | Done
+    | AsysResult
 )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import codec, credentials, policy, reaper, spawn
+from . import asys, codec, credentials, policy, reaper, spawn
 from . import messages as m
 from .audit import AuditLog
 from .config import Config, load
@@ -190,6 +190,8 @@ class Server:
         try:
             async with trio.open_nursery() as sessions_nursery:
                 self._sessions_nursery = sessions_nursery
+                self.asys = asys.ServerScope(self.config, audit, sessions_nursery)
+                await sessions_nursery.start(self.asys.status.run)
                 async with trio.open_nursery() as conns:
                     conns.start_soon(self._watch_signals)
                     accept_scope = trio.CancelScope()
@@ -271,6 +273,7 @@ class Server:
             self.config.agent_user, self.config.group, self.config.admin_group
         )
         self.audit.reopen(gid=self.groups.admin_gid)
+        self.asys.config = self.config
         self.audit.write("reload", content="configuration and group membership reloaded")
         for session in list(self.sessions.values()):
             session.config = self.config
@@ -361,7 +364,7 @@ class Server:
         if frame.kind is not Kind.CONTROL:
             raise ProtocolError("the first frame must be a control message (hello)")
         hello = codec.decode_client(frame.payload)
-        if not isinstance(hello, m.Create | m.Join | m.ListSessions | m.QueryStatus | m.Kill):
+        if not isinstance(hello, m.Hello):
             raise ProtocolError(
                 f"expected create, join, list_sessions, query_status or kill, "
                 f"got {codec.tag_of(type(hello))}",
@@ -401,6 +404,10 @@ class Server:
                 with trio.move_on_after(3 * self.config.kill_grace + 2):
                     await session.ended.wait()
                 await conn.send(m.Done(f"session {session.id} killed"))
+            elif isinstance(hello, m.AsysCall):
+                role = _standing_role(standing) if standing is Standing.ADMIN else m.Role.READONLY
+                ctx = asys.Context(role, identity.user, identity.uid, identity.groups, self.asys)
+                await conn.send(await self._asys_call(ctx, hello))
             elif isinstance(hello, m.Create):
                 session = await self._create(identity, hello)
                 await self._attached(conn, session, identity, standing, None, created=True)
@@ -567,6 +574,17 @@ class Server:
             msg = codec.decode_client(frame.payload)
             if isinstance(msg, m.Detach):
                 return "detached"
+            if isinstance(msg, m.AsysRequest):
+                ctx = asys.Context(
+                    att.role,
+                    att.identity.user,
+                    att.identity.uid,
+                    att.identity.groups,
+                    self.asys,
+                    session.asys,
+                )
+                att.send(await self._asys_call(ctx, msg))
+                continue
             self._handle(session, att, msg)
             if isinstance(msg, m.InputEof) and policy.may_write(att.role):
                 await session.send_input(att, b"")
@@ -609,6 +627,34 @@ class Server:
                 f"{codec.tag_of(type(msg))} is not allowed inside a session",
                 code=m.ErrorCode.BAD_MESSAGE,
             )
+
+    async def _asys_call(self, ctx: asys.Context, msg: m.AsysCall | m.AsysRequest) -> m.AsysResult:
+        """Audit, run, audit: one ASys instruction."""
+        assert self.audit is not None
+        who: dict[str, Any] = {
+            "source": "human",
+            "user": ctx.user,
+            "uid": ctx.uid,
+            "role": ctx.role,
+            "session_id": ctx.session.session_id if ctx.session else None,
+        }
+        self.audit.write(
+            "asys_request",
+            content=msg.instruction,
+            **who,
+            metadata={"request_id": msg.request_id, "args": msg.args},
+        )
+        sw, result, message = await asys.dispatch(msg.instruction, msg.args, ctx)
+        reply = m.AsysResult(
+            msg.request_id, msg.instruction, sw, asys.SW.NAMES[sw], result, message
+        )
+        self.audit.write(
+            "asys_result",
+            content=f"{msg.instruction} {sw}",
+            **who,
+            metadata={"request_id": msg.request_id, "sw": sw, "message": message, "result": result},
+        )
+        return reply
 
     def _refuse(self, session: Session, att: Attachment, action: str, message: str) -> None:
         self._deny(att.identity, att.role, session.id, action)

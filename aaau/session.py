@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import codec, policy, reaper
+from . import asys, codec, policy, reaper
 from . import messages as m
 from .audit import AuditLog
 from .config import Config
@@ -172,6 +172,7 @@ class Session:
                 await reaper.remove_cgroup(self._cgroup)
             raise
         self._agent = agent
+        self.asys = asys.session_scope(self.id, plan.uid, agent.process.pid, self._cgroup)
         self._pty = trio.lowlevel.FdStream(agent.master_fd)
         self.alive = True
         self.audit.write(
@@ -203,6 +204,8 @@ class Session:
                 nursery.start_soon(self._write_pty)
                 await agent.process.wait()
                 self.alive = False
+                # resume what ASys stopped, lift isolation, then end what is left
+                await self.asys.close()
                 # whatever the agent left behind in its tty session or cgroup ends with it
                 await reaper.terminate(agent.process.pid, self._cgroup, self.config.kill_grace)
                 with trio.move_on_after(1):
@@ -211,6 +214,7 @@ class Session:
         finally:
             self.alive = False
             with trio.CancelScope(shield=True):
+                await self.asys.close()
                 await self._finish(agent.process.returncode)
 
     async def _finish(self, returncode: int | None) -> None:

@@ -1,0 +1,116 @@
+"""ASys instructions served as typed control messages: the table and the dispatcher.
+
+Handlers are plain async functions, one module per family (:mod:`.system`,
+:mod:`.process`, :mod:`.tasks`, :mod:`.network`), registered in :data:`TABLE`.
+See docs/asys.md for every instruction, field, unit and status word.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import structlog
+import trio
+
+from .. import codec
+from ..audit import AuditLog
+from ..config import Config
+from ..messages import Role
+from . import network, process, system, tasks
+from .base import SW, AsysError, Context, Instruction, SessionScope
+
+__all__ = ["SW", "TABLE", "Context", "ServerScope", "SessionScope", "dispatch", "session_scope"]
+
+log = structlog.get_logger("aaau.asys")
+
+TABLE: dict[str, Instruction] = {
+    i.name: i
+    for i in (
+        *system.INSTRUCTIONS,
+        *tasks.INSTRUCTIONS,
+        *process.INSTRUCTIONS,
+        *network.INSTRUCTIONS,
+    )
+}
+
+
+@attrs.define(eq=False)
+class ServerScope:
+    """What handlers share across sessions: config, samplers, the task nursery, audit."""
+
+    config: Config
+    audit: AuditLog
+    nursery: trio.Nursery
+    status: system.StatusSampler = attrs.field(factory=system.StatusSampler)
+    procs: system.ProcSampler = attrs.field(factory=system.ProcSampler)
+    path: str = attrs.field(factory=lambda: os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+
+
+def session_scope(
+    session_id: str, agent_uid: int, launcher_pid: int, cgroup: Path | None
+) -> SessionScope:
+    scope = SessionScope(session_id, agent_uid, launcher_pid, cgroup)
+
+    async def resume() -> None:
+        await process.resume_stopped(scope)
+
+    async def unisolate() -> None:
+        await network.close(scope)
+
+    scope.closers += [resume, unisolate]
+    return scope
+
+
+def _granted(instr: Instruction, ctx: Context) -> bool:
+    if instr.read_only or ctx.role is Role.ADMIN:
+        return True
+    if ctx.role is Role.READONLY:
+        return False
+    for name in ctx.server.config.asys_grants.get(instr.name, ()):
+        try:
+            if grp.getgrnam(name).gr_gid in ctx.groups:
+                return True
+        except KeyError:
+            continue
+    return False
+
+
+def _available(instr: Instruction, ctx: Context) -> bool:
+    return ctx.session is not None or not instr.needs_session
+
+
+def allowed_instructions(ctx: Context) -> list[str]:
+    """What this caller may use here: SYS_CAPS reports it, the dispatcher enforces it."""
+    return [
+        name for name, instr in TABLE.items() if _available(instr, ctx) and _granted(instr, ctx)
+    ]
+
+
+async def dispatch(name: str, args: dict[str, Any], ctx: Context) -> tuple[str, Any, str]:
+    """Run one instruction: (status word, result or None, message)."""
+    instr = TABLE.get(name)
+    if instr is None:
+        return SW.NOT_FOUND, None, f"unknown instruction {name!r}"
+    if not _available(instr, ctx):
+        return SW.NOT_FOUND, None, f"{name} works inside a session only: use -n SESSION_ID"
+    if not _granted(instr, ctx):
+        return SW.DENIED, None, f"{name} is not allowed for role {ctx.role.value}"
+    try:
+        typed: Any = codec.converter.structure(args, instr.args)
+    except cattrs.BaseValidationError as exc:
+        detail = "; ".join(cattrs.transform_error(exc))
+        return SW.WRONG_LENGTH, None, f"invalid arguments for {name}: {detail}"
+    try:
+        return SW.OK, await instr.handler(ctx, typed), ""
+    except AsysError as exc:
+        return exc.sw, None, str(exc)
+    except MemoryError:
+        return SW.OUT_OF_MEMORY, None, f"{name}: out of memory"
+    except OSError as exc:
+        log.exception("asys-failed", instruction=name)
+        return SW.SYSTEM_ERROR, None, f"{name} failed: {exc.strerror or exc}"
