@@ -216,7 +216,7 @@ def _client_parser() -> argparse.ArgumentParser:
 
 def client_main(argv: list[str] | None = None) -> int:
     parser = _client_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     words = args.words
     sock = args.socket
     v = m.PROTOCOL_VERSION
