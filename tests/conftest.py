@@ -322,6 +322,9 @@ async def start_server(
         log_dir = base_dir / f"log-{n}"
         sock = socket_path or base_dir / f"run-{n}" / "aaau.sock"
         r, w = os.pipe()
+        log_dir.mkdir(mode=0o750, exist_ok=True)
+        stderr_path = log_dir / "server.stderr"
+        stderr_file = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         argv = server_argv(sock, log_dir, "--ready-fd", str(w), "--kill-grace", "0.5", *args)
         process = await nursery.start(
             lambda task_status: trio.run_process(
@@ -331,10 +334,11 @@ async def start_server(
                 check=False,
                 env=env or _server_env(),
                 task_status=task_status,
-                stderr=subprocess.DEVNULL,
+                stderr=stderr_file,
             )
         )
         os.close(w)
+        os.close(stderr_file)
         ready = trio.lowlevel.FdStream(r)
         with trio.fail_after(20):
             line = await ready.receive_some(64)
@@ -342,7 +346,9 @@ async def start_server(
         srv = ServerProc(process, sock, log_dir)
         started.append(srv)
         if expect_ready:
-            assert line.startswith(b"READY"), f"server did not start: {process.returncode}"
+            assert line.startswith(b"READY"), (
+                f"server did not start: {process.returncode}: {stderr_path.read_text()[-2000:]}"
+            )
         return srv
 
     try:
