@@ -79,6 +79,13 @@ def _server_parser() -> argparse.ArgumentParser:
         ("kill-grace", float, "seconds between SIGTERM and SIGKILL"),
     ):
         limits.add_argument(f"--{name}", type=kind, help=text)
+    run.add_argument(
+        "--no-record-output",
+        dest="record_output",
+        action="store_const",
+        const=False,
+        help="do not write output records to the audit log",
+    )
     return parser
 
 
@@ -130,6 +137,7 @@ def _run_server(args: argparse.Namespace) -> int:
             "scrollback_bytes",
             "client_queue_bytes",
             "kill_grace",
+            "record_output",
         )
     }
     try:

@@ -38,6 +38,9 @@ class ProtocolError(Exception):
         self.code = code
 
 
+_KINDS = {int(k): k for k in Kind}
+
+
 @attrs.frozen
 class Frame:
     kind: Kind
@@ -64,19 +67,24 @@ class FrameDecoder:
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
         self._buffer = bytearray()
+        self._start = 0  # bytes of _buffer already consumed
         self._eof = False
         self._error: ProtocolError | None = None
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
-        if data:
-            self._buffer += data
-        else:
+        if not data:
             self._eof = True
+            return
+        if self._start:
+            # drop what was consumed once per feed, not once per frame
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) - self._start
 
     def next_frame(self) -> Frame | None:
         """The next whole frame, or None when more data is needed.
@@ -86,12 +94,13 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        buf = self._buffer
-        if len(buf) < HEADER_SIZE:
-            if self._eof and buf:
+        buf, start = self._buffer, self._start
+        available = len(buf) - start
+        if available < HEADER_SIZE:
+            if self._eof and available:
                 self._fail(ProtocolError("connection closed inside a frame header"))
             return None
-        kind, length = _HEADER.unpack_from(buf)
+        kind, length = _HEADER.unpack_from(buf, start)
         if kind not in (Kind.DATA, Kind.CONTROL):
             self._fail(ProtocolError(f"unknown frame kind {kind}"))
         if length > self.max_payload:
@@ -101,14 +110,15 @@ class FrameDecoder:
                     code="too-large",
                 )
             )
-        end = HEADER_SIZE + length
+        end = start + HEADER_SIZE + length
         if len(buf) < end:
             if self._eof:
                 self._fail(ProtocolError("connection closed inside a frame"))
             return None
-        payload = bytes(buf[HEADER_SIZE:end])
-        del buf[:end]
-        return Frame(Kind(kind), payload)
+        with memoryview(buf) as view:
+            payload = bytes(view[start + HEADER_SIZE : end])
+        self._start = end
+        return Frame(_KINDS[kind], payload)
 
     def frames(self) -> list[Frame]:
         """Every whole frame buffered so far."""
@@ -120,4 +130,5 @@ class FrameDecoder:
     def _fail(self, error: ProtocolError) -> None:
         self._error = error
         self._buffer.clear()
+        self._start = 0
         raise error

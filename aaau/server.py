@@ -518,7 +518,11 @@ class Server:
         *,
         created: bool,
     ) -> None:
-        att = session.attach(identity, standing, requested, created=created)
+        fd = conn.stream.socket.fileno()
+        # the queue is closed before the stream, so this never writes to a reused fd
+        att = session.attach(
+            identity, standing, requested, created=created, send_nowait=lambda d: os.write(fd, d)
+        )
         reason = "connection closed"
         async with trio.open_nursery() as nursery:
             att.scope = nursery.cancel_scope

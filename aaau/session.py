@@ -36,7 +36,9 @@ from .policy import Identity, Standing
 from .protocol import data_frame
 from .spawn import Agent, SpawnPlan, set_winsize, spawn
 
-_READ_SIZE = 65536
+#: the most one PTY read burst publishes as a chunk (also kept under a quarter
+#: of the client queue limit, so one chunk never evicts a client on its own)
+_READ_SIZE = 128 * 1024
 
 
 class SessionError(Exception):
@@ -48,20 +50,38 @@ class SessionError(Exception):
 
 
 class ClientQueue:
-    """A client's outgoing frames, bounded in bytes; never blocks the producer."""
+    """A client's outgoing frames, bounded in bytes; never blocks the producer.
 
-    def __init__(self, limit: int) -> None:
+    Fast path: when nothing is queued or being sent, ``put`` hands the frame
+    straight to ``send_nowait`` (a non-blocking write on the client's socket),
+    so a client that keeps up costs one syscall per chunk and no task switch.
+    Whatever the socket does not take is queued for the connection's writer.
+    """
+
+    def __init__(self, limit: int, send_nowait: Callable[[bytes], int] | None = None) -> None:
         self.limit = limit
         self.overflowed = False
+        self.send_nowait = send_nowait
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._closed = False
+        self._busy = False  # the writer holds data it has not finished sending
         self._lot = trio.lowlevel.ParkingLot()
 
     def put(self, frame: bytes) -> bool:
-        """Queue ``frame``; False (and the queue closes) if it does not fit."""
+        """Send or queue ``frame``; False (and the queue closes) if it does not fit."""
         if self._closed:
             return not self.overflowed
+        if not self._busy and not self._chunks and self.send_nowait is not None:
+            try:
+                sent = self.send_nowait(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the writer will meet the error and end the connection
+            if sent == len(frame):
+                return True
+            frame = frame[sent:]
         if self._size + len(frame) > self.limit:
             self.overflowed = True
             self._chunks.clear()
@@ -78,7 +98,11 @@ class ClientQueue:
         self._lot.unpark_all()
 
     async def get(self) -> bytes | None:
-        """Everything queued, joined; None once closed and drained."""
+        """Everything queued, joined; None once closed and drained.
+
+        Calling it again means the previous data was sent in full.
+        """
+        self._busy = False
         while not self._chunks:
             if self._closed:
                 return None
@@ -86,6 +110,7 @@ class ClientQueue:
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
+        self._busy = True
         return data
 
 
@@ -249,12 +274,38 @@ class Session:
     # --- the PTY ------------------------------------------------------------------------
 
     async def _read_pty(self) -> None:
-        assert self._pty is not None
+        """The single PTY reader: drain what is there, publish it as one chunk.
+
+        Reading until EAGAIN (up to _READ_SIZE) before publishing turns a burst
+        of small tty reads into one audit record, one frame and one wake-up per
+        client, which is what keeps the fan-out cheap under heavy output.
+        """
+        assert self._agent is not None
+        fd = self._agent.master_fd  # non-blocking: the FdStream set it
+        limit = max(4096, min(_READ_SIZE, self.config.client_queue_bytes // 4))
         try:
-            while data := await self._pty.receive_some(_READ_SIZE):
-                self._publish(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # EIO: every slave fd is closed
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                chunks, size, eof = [], 0, False
+                while size < limit:
+                    try:
+                        data = os.read(fd, limit - size)
+                    except BlockingIOError:
+                        break
+                    except OSError:  # EIO: every slave fd is closed
+                        eof = True
+                        break
+                    if not data:
+                        eof = True
+                        break
+                    chunks.append(data)
+                    size += len(data)
+                if chunks:
+                    self._publish(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if eof:
+                    return
+        except trio.ClosedResourceError:
+            pass
         finally:
             self._reader_done.set()
 
@@ -321,7 +372,13 @@ class Session:
         }
 
     def attach(
-        self, identity: Identity, standing: Standing, requested: m.Role | None, *, created: bool
+        self,
+        identity: Identity,
+        standing: Standing,
+        requested: m.Role | None,
+        *,
+        created: bool,
+        send_nowait: Callable[[bytes], int] | None = None,
     ) -> Attachment:
         """Add a client: Welcome, then the scrollback, then live output."""
         if not self.alive:
@@ -336,7 +393,8 @@ class Session:
             standing, identity.uid, creator_uid=self.creator.uid, shared=self.shared
         )
         role = policy.grant(allowed, requested)
-        att = Attachment(identity, standing, role, ClientQueue(self.config.client_queue_bytes))
+        queue = ClientQueue(self.config.client_queue_bytes, send_nowait)
+        att = Attachment(identity, standing, role, queue)
         self.audit.write(
             "join",
             source="human",

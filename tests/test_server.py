@@ -399,7 +399,7 @@ async def test_kill_outside_a_session_by_creator_or_admin_only(server: ServerPro
 async def test_stalled_client_is_dropped_and_others_get_every_byte(
     start_server: ServerFactory,
 ) -> None:
-    server = await start_server("--client-queue-bytes", str(256 * 1024))
+    server = await start_server("--client-queue-bytes", str(1024 * 1024))
     alice, welcome = await server.create(
         ALICE, ("sh", "-c", "read go; seq 1 400000; echo ALL-DONE; read x")
     )

@@ -1,0 +1,283 @@
+"""aaau benchmarks: raw PTY vs tmux vs aaau, side by side, in one invocation.
+
+Run as root from the repository, with the project's venv:
+
+    /opt/aaau-test/bin/python bench/run.py [--quick | --smoke] [--json] [--only NAME ...]
+
+Scenarios (docs/benchmarks.md has the method and the latest results):
+  throughput   ~15 MB of seq output, 1/10/50 readers; time until every reader has it all
+  echo         one byte in, its echo out, through `cat` in raw mode: p50/p99/max
+  scale        200 sessions x 3 clients, a trickle of output: server CPU, RSS, create/join times
+  slow         throughput with one observer that never reads; server memory stays bounded
+  audit        throughput with output recording on and off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness as h
+
+from aaau import __version__
+
+SIZES = {
+    # name: (seq lines, runs, reader counts, echo samples, scale sessions, scale idle seconds)
+    "full": (2_000_000, 5, (1, 10, 50), 2000, 200, 10.0),
+    "quick": (2_000_000, 2, (1, 10), 500, 50, 3.0),
+    "smoke": (20_000, 1, (1, 2), 20, 3, 0.5),
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def machine() -> dict[str, Any]:
+    tmux = subprocess.run(["tmux", "-V"], capture_output=True, text=True, check=False).stdout
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "tmux": tmux.strip() or None,
+        "aaau": __version__,
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "?",
+        ),
+    }
+
+
+def check_bytes(expected: h.Reader, readers: list[h.Reader]) -> bool:
+    return all(r.bytes == expected.bytes and r.tail == expected.tail for r in readers)
+
+
+async def throughput(size: str) -> dict[str, Any]:
+    lines, runs, counts, *_ = SIZES[size]
+    out: dict[str, Any] = {"lines": lines, "runs": runs, "readers": {}}
+    async with h.aaau_server() as server:
+        for n in counts:
+            raw_t, tmux_t, aaau_t = [], [], []
+            complete, tmux_bytes, payload = True, [], 0
+            for _ in range(runs):  # alternate the three, same invocation
+                t, raw_reader = await h.raw_throughput(lines)
+                raw_t.append(t)
+                payload = raw_reader.bytes
+                if h.tmux_available():
+                    t, readers = await h.tmux_throughput(lines, n)
+                    tmux_t.append(t)
+                    tmux_bytes.append(min(r.bytes for r in readers))
+                t, readers = await h.aaau_throughput(server, lines, n)
+                aaau_t.append(t)
+                complete = complete and check_bytes(raw_reader, readers)
+            raw_med = statistics.median(raw_t)
+            row: dict[str, Any] = {
+                "payload_bytes": payload,
+                "raw_s": round(raw_med, 3),
+                "aaau_s": round(statistics.median(aaau_t), 3),
+                "aaau_ratio": round(raw_med / statistics.median(aaau_t), 3),
+                "aaau_every_byte": complete,
+            }
+            if tmux_t:
+                row["tmux_s"] = round(statistics.median(tmux_t), 3)
+                row["tmux_ratio"] = round(raw_med / statistics.median(tmux_t), 3)
+                row["tmux_bytes_per_client"] = min(tmux_bytes)
+            out["readers"][str(n)] = row
+    return out
+
+
+async def echo(size: str) -> dict[str, Any]:
+    samples = SIZES[size][3]
+    result: dict[str, Any] = {"samples": samples}
+    async with h.aaau_server() as server:
+        ways = {"raw": h.raw_echo, "aaau": lambda n: h.aaau_echo(server, n)}
+        if h.tmux_available():
+            ways["tmux"] = h.tmux_echo
+        for name, fn in ways.items():
+            values = await fn(samples)
+            result[name] = {
+                "p50_ms": round(pct(values, 0.5) * 1000, 3),
+                "p99_ms": round(pct(values, 0.99) * 1000, 3),
+                "max_ms": round(max(values) * 1000, 3),
+            }
+    return result
+
+
+async def scale(size: str) -> dict[str, Any]:
+    sessions, idle_s = SIZES[size][4], SIZES[size][5]
+    trickle = ["sh", "-c", "while :; do echo tick; sleep 1; done"]
+    async with h.aaau_server() as server:
+        rss_before = h.rss_kb(server.pid)
+        creates, joins, clients = [], [], []
+        for _ in range(sessions):
+            start = time.perf_counter()
+            creator = await h.Client.connect(server, h.create(trickle))
+            creates.append(time.perf_counter() - start)
+            assert creator.welcome is not None
+            clients.append(creator)
+            for _ in range(2):
+                start = time.perf_counter()
+                clients.append(await h.Client.connect(server, h.join(creator.welcome.session_id)))
+                joins.append(time.perf_counter() - start)
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(client.drain)
+            await trio.sleep(1.0)
+            ticks0, t0 = h.cpu_ticks(server.pid), time.perf_counter()
+            await trio.sleep(idle_s)
+            ticks1, t1 = h.cpu_ticks(server.pid), time.perf_counter()
+            rss_after = h.rss_kb(server.pid)
+            nursery.cancel_scope.cancel()
+        for client in clients:
+            await client.aclose()
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "sessions": sessions,
+        "clients": len(clients),
+        "idle_seconds": idle_s,
+        "server_cpu_pct": round(100 * (ticks1 - ticks0) / hz / (t1 - t0), 2),
+        "server_rss_kb_before": rss_before,
+        "server_rss_kb_after": rss_after,
+        "rss_kb_per_session": round((rss_after - rss_before) / sessions, 1),
+        "create_p50_ms": round(pct(creates, 0.5) * 1000, 2),
+        "create_p99_ms": round(pct(creates, 0.99) * 1000, 2),
+        "join_p50_ms": round(pct(joins, 0.5) * 1000, 2),
+        "join_p99_ms": round(pct(joins, 0.99) * 1000, 2),
+    }
+
+
+async def _watch_rss(pid: int, peak: list[int]) -> None:
+    while True:
+        peak[0] = max(peak[0], h.rss_kb(pid))
+        await trio.sleep(0.02)
+
+
+async def slow(size: str) -> dict[str, Any]:
+    lines, runs, counts, *_ = SIZES[size]
+    n = max(counts) if size == "smoke" else 10
+    queue = 4 << 20
+    base_t, slow_t, peak = [], [], 0
+    complete = True
+    async with h.aaau_server("--client-queue-bytes", str(queue)) as server:
+        for _ in range(runs):
+            t, _ = await h.aaau_throughput(server, lines, n)
+            base_t.append(t)
+            rss0 = h.rss_kb(server.pid)
+            peak_box = [rss0]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_rss, server.pid, peak_box)
+                t, readers = await h.aaau_throughput(server, lines, n - 1, stalled=1)
+                nursery.cancel_scope.cancel()
+            slow_t.append(t)
+            _, raw_reader = await h.raw_throughput(lines)
+            complete = complete and check_bytes(raw_reader, readers)
+            peak = max(peak, peak_box[0] - rss0)
+    base, with_slow = statistics.median(base_t), statistics.median(slow_t)
+    return {
+        "readers": n,
+        "without_stalled_s": round(base, 3),
+        "with_stalled_s": round(with_slow, 3),
+        "others_lose_pct": round(100 * (with_slow - base) / base, 1),
+        "others_every_byte": complete,
+        "server_rss_growth_kb": peak,
+        "client_queue_kb": queue // 1024,
+    }
+
+
+async def audit(size: str) -> dict[str, Any]:
+    lines, runs, *_ = SIZES[size]
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    async with h.aaau_server() as on_server, h.aaau_server("--no-record-output") as off_server:
+        for _ in range(runs):
+            for name, server in (("on", on_server), ("off", off_server)):
+                t, _ = await h.aaau_throughput(server, lines, 1)
+                times[name].append(t)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    return {
+        "recording_on_s": round(on, 3),
+        "recording_off_s": round(off, 3),
+        "recording_cost_pct": round(100 * (on - off) / off, 1),
+    }
+
+
+SCENARIOS = {"throughput": throughput, "echo": echo, "scale": scale, "slow": slow, "audit": audit}
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [f"machine: {results['machine']}"]
+    tp = results.get("throughput")
+    if tp:
+        lines.append(f"\nthroughput ({tp['lines']} lines, median of {tp['runs']}):")
+        lines.append(
+            f"{'readers':>8} {'raw s':>8} {'tmux s':>8} {'tmux/raw':>9} {'aaau s':>8} "
+            f"{'aaau/raw':>9} {'every byte':>11}"
+        )
+        for n, row in tp["readers"].items():
+            lines.append(
+                f"{n:>8} {row['raw_s']:>8} {row.get('tmux_s', '-'):>8} "
+                f"{row.get('tmux_ratio', '-'):>9} {row['aaau_s']:>8} "
+                f"{row['aaau_ratio']:>9} {row['aaau_every_byte']!s:>11}"
+            )
+    ec = results.get("echo")
+    if ec:
+        lines.append(f"\necho latency ({ec['samples']} keystrokes), ms:")
+        for way in ("raw", "tmux", "aaau"):
+            if way in ec:
+                lines.append(
+                    f"{way:>8} p50 {ec[way]['p50_ms']:>7} p99 {ec[way]['p99_ms']:>7} "
+                    f"max {ec[way]['max_ms']:>7}"
+                )
+    for name in ("scale", "slow", "audit"):
+        if name in results:
+            lines.append(f"\n{name}: {json.dumps(results[name])}")
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    results: dict[str, Any] = {"machine": machine(), "size": size}
+    for name in args.only or SCENARIOS:
+        results[name] = await SCENARIOS[name](size)
+    return results
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer runs and samples")
+    parser.add_argument("--smoke", action="store_true", help="seconds: checks the harness only")
+    parser.add_argument("--json", action="store_true", help="machine-readable results")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/run.py must run as root (it starts the aaau server)", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    results = trio.run(main, args)
+    print(json.dumps(results, indent=2) if args.json else report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
