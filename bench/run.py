@@ -7,7 +7,8 @@ Run as root from the repository, with the project's venv:
 Scenarios (docs/benchmarks.md has the method and the latest results):
   throughput   ~15 MB of seq output, 1/10/50 readers; time until every reader has it all
   echo         one byte in, its echo out, through `cat` in raw mode: p50/p99/max
-  scale        200 sessions x 3 clients, a trickle of output: server CPU, RSS, create/join times
+  scale        200 sessions x 3 clients, a line per session every 5 s: server CPU, RSS,
+               create/join times
   slow         throughput with one observer that never reads; server memory stays bounded
   audit        throughput with output recording on and off
 """
@@ -37,8 +38,8 @@ from aaau import __version__
 
 SIZES = {
     # name: (seq lines, runs, reader counts, echo samples, scale sessions, scale idle seconds)
-    "full": (2_000_000, 5, (1, 10, 50), 2000, 200, 10.0),
-    "quick": (2_000_000, 2, (1, 10), 500, 50, 3.0),
+    "full": (2_000_000, 9, (1, 10, 50), 2000, 200, 10.0),
+    "quick": (2_000_000, 3, (1, 10), 500, 50, 3.0),
     "smoke": (20_000, 1, (1, 2), 20, 3, 0.5),
 }
 
@@ -124,7 +125,8 @@ async def echo(size: str) -> dict[str, Any]:
 
 async def scale(size: str) -> dict[str, Any]:
     sessions, idle_s = SIZES[size][4], SIZES[size][5]
-    trickle = ["sh", "-c", "while :; do echo tick; sleep 1; done"]
+    # mostly idle: each agent prints one line every 5 seconds
+    trickle = ["sh", "-c", "while :; do sleep 5; echo tick; done"]
     async with h.aaau_server() as server:
         rss_before = h.rss_kb(server.pid)
         creates, joins, clients = [], [], []
