@@ -52,6 +52,9 @@ class SessionError(Exception):
 class ClientQueue:
     """A client's outgoing frames, bounded in bytes; never blocks the producer.
 
+    The bound covers what is queued plus what the writer holds but has not
+    finished sending, so a stalled client costs at most ``limit`` bytes.
+
     Fast path: when nothing is queued or being sent, ``put`` hands the frame
     straight to ``send_nowait`` (a non-blocking write on the client's socket),
     so a client that keeps up costs one syscall per chunk and no task switch.
@@ -66,6 +69,7 @@ class ClientQueue:
         self._size = 0
         self._closed = False
         self._busy = False  # the writer holds data it has not finished sending
+        self._inflight = 0  # bytes the writer holds: they count against the limit too
         self._lot = trio.lowlevel.ParkingLot()
 
     def put(self, frame: bytes) -> bool:
@@ -82,7 +86,7 @@ class ClientQueue:
             if sent == len(frame):
                 return True
             frame = frame[sent:]
-        if self._size + len(frame) > self.limit:
+        if self._size + self._inflight + len(frame) > self.limit:
             self.overflowed = True
             self._chunks.clear()
             self._size = 0
@@ -102,7 +106,7 @@ class ClientQueue:
 
         Calling it again means the previous data was sent in full.
         """
-        self._busy = False
+        self._busy, self._inflight = False, 0
         while not self._chunks:
             if self._closed:
                 return None
@@ -110,7 +114,7 @@ class ClientQueue:
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
-        self._busy = True
+        self._busy, self._inflight = True, len(data)
         return data
 
 

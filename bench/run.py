@@ -174,28 +174,31 @@ async def _watch_rss(pid: int, peak: list[int]) -> None:
 
 
 async def slow(size: str) -> dict[str, Any]:
+    """The same readers with and without one more observer that never reads (order alternates)."""
     lines, runs, counts, *_ = SIZES[size]
-    n = max(counts) if size == "smoke" else 10
+    others = max(counts) - 1 if size == "smoke" else 9
     queue = 4 << 20
-    base_t, slow_t, peak = [], [], 0
-    complete = True
+    times: dict[bool, list[float]] = {False: [], True: []}
+    peak, complete = 0, True
     async with h.aaau_server("--client-queue-bytes", str(queue)) as server:
-        for _ in range(runs):
-            t, _ = await h.aaau_throughput(server, lines, n)
-            base_t.append(t)
-            rss0 = h.rss_kb(server.pid)
-            peak_box = [rss0]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_rss, server.pid, peak_box)
-                t, readers = await h.aaau_throughput(server, lines, n - 1, stalled=1)
-                nursery.cancel_scope.cancel()
-            slow_t.append(t)
-            _, raw_reader = await h.raw_throughput(lines)
-            complete = complete and check_bytes(raw_reader, readers)
-            peak = max(peak, peak_box[0] - rss0)
-    base, with_slow = statistics.median(base_t), statistics.median(slow_t)
+        for run in range(runs):
+            for stalled in (run % 2 == 0, run % 2 == 1):
+                rss0 = h.rss_kb(server.pid)
+                peak_box = [rss0]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_rss, server.pid, peak_box)
+                    t, readers = await h.aaau_throughput(
+                        server, lines, others, stalled=int(stalled)
+                    )
+                    nursery.cancel_scope.cancel()
+                times[stalled].append(t)
+                if stalled:
+                    peak = max(peak, peak_box[0] - rss0)
+                    _, raw_reader = await h.raw_throughput(lines)
+                    complete = complete and check_bytes(raw_reader, readers)
+    base, with_slow = statistics.median(times[False]), statistics.median(times[True])
     return {
-        "readers": n,
+        "readers": others,
         "without_stalled_s": round(base, 3),
         "with_stalled_s": round(with_slow, 3),
         "others_lose_pct": round(100 * (with_slow - base) / base, 1),

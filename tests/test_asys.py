@@ -118,8 +118,16 @@ async def test_many_clients_share_the_status_sampler(server: ServerProc) -> None
     assert len(results) == 20 and {r.sw for r in results} == {"9000"}
 
 
-async def test_procs_finds_the_sessions_busy_agent(server: ServerProc) -> None:
-    alice, _ = await server.create(ALICE, ("sh", "-c", "echo busy=$$; while :; do :; done"))
+async def _procs_row(peer: Peer, pid: int) -> dict[str, Any] | None:
+    """The pid's row among the top 50 by CPU (None: it is not among them)."""
+    result = await ask(peer, "SYS_PROCS", count=50)
+    assert result.sw == "9000" and result.result is not None
+    return next((p for p in result.result["procs"] if p["pid"] == pid), None)
+
+
+async def test_ooda_loop_find_the_hog_stop_it_resume_it(server: ServerProc) -> None:
+    """TC-E2E-006: SYS_PROCS finds the hog, STOP -> its CPU drops, CONT -> it recovers."""
+    alice, welcome = await server.create(ALICE, ("sh", "-c", "echo busy=$$; while :; do :; done"))
     pid = await _agent_child(alice, b"busy")
     result = await ask(alice, "SYS_PROCS", count=5)
     assert result.sw == "9000"
@@ -127,6 +135,16 @@ async def test_procs_finds_the_sessions_busy_agent(server: ServerProc) -> None:
     top = result.result["procs"][0]
     assert top["pid"] == pid and top["this_session"] and top["cpu_pct"] > 30
     assert top["uid"] == account(AGENT)[0]
+    ada, _ = await server.join(ADA, welcome.session_id)
+    assert (await ask(ada, "PROC_THROTTLE", pid=pid, action="stop")).sw == "9000"
+    await trio.sleep(1.1)  # let the shared 1 s sample age out: the next one is fresh
+    row = await _procs_row(ada, pid)
+    assert row is None or (row["stopped"] and row["cpu_pct"] < 5)
+    assert _state(pid) == "T"
+    assert (await ask(ada, "PROC_THROTTLE", pid=pid, action="cont")).sw == "9000"
+    await trio.sleep(1.1)
+    row = await _procs_row(ada, pid)
+    assert row is not None and not row["stopped"] and row["cpu_pct"] > 30
 
 
 # --- PROC_THROTTLE ------------------------------------------------------------------------------
@@ -292,6 +310,24 @@ async def test_svc_restart_success_failure_timeout(svc_server: tuple[ServerProc,
         )
     )
     assert len(server.records("asys_task_done")) == 3
+
+
+async def test_concurrent_restarts_get_distinct_handles(
+    svc_server: tuple[ServerProc, Path],
+) -> None:
+    """TC-SIM-003, TC-POOL-004/005: different services and different sessions never share."""
+    server, _ = svc_server
+    alice, one = await server.create(ALICE, ("cat",))
+    bob, two = await server.create(BOB, ("cat",))
+    ada1, _ = await server.join(ADA, one.session_id)
+    ada2, _ = await server.join(ADA, two.session_id)
+    answers = [await ask(ada1, "SVC_RESTART", service=name) for name in ("okay", "broken", "slow")]
+    other = await ask(ada2, "SVC_RESTART", service="slow")
+    handles = [a.result["handle"] for a in [*answers, other] if a.result is not None]
+    assert len(set(handles)) == 4
+    assert other.result is not None and not other.result["deduplicated"]
+    states = {(await _until_done(ada1, h))["state"] for h in handles[:3]}
+    assert states == {"success", "failed", "timeout"}
 
 
 async def test_svc_restart_refusals(svc_server: tuple[ServerProc, Path]) -> None:

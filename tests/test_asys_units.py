@@ -196,6 +196,26 @@ async def test_resume_stopped_continues_through_the_kept_pidfd() -> None:
         child.wait()
 
 
+@pytest.mark.parametrize(
+    ("error", "sw"),
+    [
+        (OSError(12, "Cannot allocate memory"), SW.OUT_OF_MEMORY),  # TC-SVC-012: fork ENOMEM
+        (MemoryError(), SW.OUT_OF_MEMORY),
+        (OSError(5, "Input/output error"), SW.SYSTEM_ERROR),
+    ],
+)
+async def test_os_failures_map_to_6f_status_words(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException, sw: str
+) -> None:
+    async def failing(_ctx: Context, _args: object) -> dict[str, object]:
+        raise error
+
+    fake = asys.Instruction("FAKE", failing, system.NoArgs, read_only=True)
+    monkeypatch.setitem(asys.TABLE, "FAKE", fake)
+    got, result, _ = await asys.dispatch("FAKE", {}, _ctx(Role.READONLY))
+    assert (got, result) == (sw, None)
+
+
 def test_every_instruction_is_documented() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "asys.md").read_text()
     for name in asys.TABLE:

@@ -7,6 +7,7 @@ See docs/asys.md for every instruction, field, unit and status word.
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 from pathlib import Path
@@ -24,7 +25,16 @@ from ..messages import Role
 from . import network, process, system, tasks
 from .base import SW, AsysError, Context, Instruction, SessionScope
 
-__all__ = ["SW", "TABLE", "Context", "ServerScope", "SessionScope", "dispatch", "session_scope"]
+__all__ = [
+    "SW",
+    "TABLE",
+    "Context",
+    "Instruction",
+    "ServerScope",
+    "SessionScope",
+    "dispatch",
+    "session_scope",
+]
 
 log = structlog.get_logger("aaau.asys")
 
@@ -112,5 +122,7 @@ async def dispatch(name: str, args: dict[str, Any], ctx: Context) -> tuple[str, 
     except MemoryError:
         return SW.OUT_OF_MEMORY, None, f"{name}: out of memory"
     except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # e.g. fork() failing on a node near OOM
+            return SW.OUT_OF_MEMORY, None, f"{name}: out of memory ({exc.strerror})"
         log.exception("asys-failed", instruction=name)
         return SW.SYSTEM_ERROR, None, f"{name} failed: {exc.strerror or exc}"
