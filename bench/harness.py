@@ -9,6 +9,7 @@ everything. Runs as root: aaau needs its agent user, and clients here are root
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -152,6 +153,25 @@ class Tmux:
     def kill(self) -> None:
         self.cmd("kill-server")
 
+    def new_session(self, command: str) -> None:
+        """Session ``b``, 200x50, running ``command``, with no status line to redraw."""
+        self.cmd(
+            "new-session",
+            "-d",
+            "-s",
+            "b",
+            "-x",
+            "200",
+            "-y",
+            "50",
+            command,
+            ";",
+            "set-option",
+            "-g",
+            "status",
+            "off",
+        )
+
 
 async def _tmux_client(
     tmux: Tmux, reader: Reader, started: trio.Event, stream_out: list[Any]
@@ -187,23 +207,7 @@ async def _tmux_client(
 
 async def tmux_throughput(lines: int, clients: int) -> tuple[float, list[Reader]]:
     tmux = Tmux()
-    command = " ".join(seq_command(lines)[:2]) + f" '{seq_command(lines)[2]}'"
-    tmux.cmd(
-        "new-session",
-        "-d",
-        "-s",
-        "b",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        command,
-        ";",
-        "set-option",
-        "-g",
-        "status",
-        "off",
-    )
+    tmux.new_session(shlex.join(seq_command(lines)))
     readers = [Reader() for _ in range(clients)]
     try:
         async with trio.open_nursery() as nursery:
@@ -240,22 +244,7 @@ async def _wait_tmux_mark(tmux: Tmux) -> None:
 
 async def tmux_echo(samples: int) -> list[float]:
     tmux = Tmux()
-    tmux.cmd(
-        "new-session",
-        "-d",
-        "-s",
-        "b",
-        "-x",
-        "200",
-        "-y",
-        "50",
-        f"sh -c '{echo_command()[2]}'",
-        ";",
-        "set-option",
-        "-g",
-        "status",
-        "off",
-    )
+    tmux.new_session(shlex.join(echo_command()))
     reader = Reader()
     out = []
     try:

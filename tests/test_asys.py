@@ -385,6 +385,15 @@ async def test_task_handles_belong_to_their_session(svc_server: tuple[ServerProc
 # --- NET_ISOLATE -----------------------------------------------------------------------------------
 
 
+def _isolate_chain() -> str:
+    return subprocess.run(
+        ["nft", "list", "chain", "inet", "aaau", "isolate"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def _global_ipv4() -> str | None:
     out = subprocess.run(
         ["ip", "-4", "-o", "addr", "show", "scope", "global"],
@@ -433,12 +442,7 @@ async def test_net_isolate_cuts_all_but_loopback_for_this_session_only(
         if own_ip:
             assert not await probe(alice, own_ip)  # anything else is cut
             assert await probe(other, own_ip)  # another session of the same agent user is not
-        ruleset = subprocess.run(
-            ["nft", "list", "chain", "inet", "aaau", "isolate"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        ruleset = _isolate_chain()
         assert f"aaau:{welcome.session_id}" in ruleset
         result = await ask(ada, "NET_ISOLATE", action="restore")
         assert result.sw == "9000" and result.result is not None
@@ -449,12 +453,7 @@ async def test_net_isolate_cuts_all_but_loopback_for_this_session_only(
         await ask(ada, "NET_ISOLATE", action="isolate")
         await alice.type(b"exit\n")
         await alice.expect(m.Exited)
-        ruleset = subprocess.run(
-            ["nft", "list", "chain", "inet", "aaau", "isolate"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        ruleset = _isolate_chain()
         assert welcome.session_id not in ruleset
     finally:
         listener.close()

@@ -7,7 +7,6 @@ a :class:`Context`, and gets back a status word and a JSON-ready result.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -84,10 +83,6 @@ class Context:
     groups: frozenset[int]
     server: Any  # aaau.asys.ServerScope; Any to keep the import graph one-way
     session: SessionScope | None = None
-
-    @property
-    def server_pid(self) -> int:
-        return os.getpid()
 
 
 Handler = Callable[[Context, Any], Awaitable[dict[str, Any]]]
