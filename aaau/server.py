@@ -340,6 +340,10 @@ class Server:
             except Exception as exc:  # a bug in one connection must not end the server
                 log.exception("connection-failed")
                 audit.write("internal_error", content=repr(exc), **who)
+                with trio.move_on_after(1):
+                    await _Connection(stream, 0).send(
+                        m.Error(m.ErrorCode.INTERNAL, "internal server error (logged)")
+                    )
 
     async def _serve(self, conn: _Connection, identity: Identity, standing: Standing) -> None:
         assert self.audit is not None
@@ -493,7 +497,10 @@ class Server:
             on_end=self._forget,
         )
         try:
-            await self._sessions_nursery.start(session.run, plan)
+            try:
+                await self._sessions_nursery.start(session.run, plan)
+            except OSError as exc:  # openpty, pipes, fds: the machine refused, say so
+                raise spawn.SpawnError(f"cannot start the agent: {exc.strerror or exc}") from exc
         except spawn.SpawnError as exc:
             self.audit.write(
                 "spawn_failed",
