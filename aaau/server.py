@@ -39,10 +39,6 @@ class StartupError(Exception):
     pass
 
 
-class _Closed(Exception):
-    """The peer went away."""
-
-
 class _Connection:
     """Frames in from one stream (the writer side is the attachment's queue)."""
 
