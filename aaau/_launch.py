@@ -1,22 +1,26 @@
-"""The agent's launcher: a fresh, single-threaded process between server and agent.
+"""The agent's launcher: a fresh, single-threaded process that becomes the agent.
 
 The server starts ``python -I -m aaau._launch PLAN_FD STATUS_FD`` as root, in
 a new session, with the PTY slave as fds 0-2, an empty environment and every
 other fd closed. This keeps all Python code between fork and exec out of the
-(possibly multi-threaded) server. The launcher:
+(possibly multi-threaded) server. The launcher, in one process:
 
-1. takes the PTY as its controlling terminal;
+1. takes the PTY as its controlling terminal (it is the session leader, so its
+   process group becomes the terminal's foreground group);
 2. moves itself into the session's cgroup, if the server made one;
-3. opens a PAM session for the agent user (service ``aaau``: pam_limits);
-4. forks the agent, which makes its own process group the terminal's
-   foreground group, drops to the agent user (initgroups, setgid, setuid),
-   enters its working directory and execs argv with the clean environment;
-5. waits for the agent, closes the PAM session and exits with the agent's
-   status (killing itself with the same signal if a signal ended it).
+3. opens a PAM session for the agent user (service ``aaau``: pam_limits sets
+   the limits of this process, which the agent keeps across exec);
+4. drops to the agent user (initgroups, setgid, setuid; never root), enters
+   the working directory, closes every fd but 0-2, and execs argv with the
+   clean environment. The server is the agent's parent and reaps it.
 
-Progress goes to STATUS_FD as lines: ``pid:N`` once the agent is forked,
-``error:TEXT`` if anything fails before the agent's exec. The fd is
+Errors before the exec go to STATUS_FD as one line ``error:TEXT``; the fd is
 close-on-exec, so EOF with no error means the exec happened.
+
+``python -I -m aaau._launch close PLAN_FD`` closes the agent's PAM session
+once the agent has ended (the server runs it then): a new PAM transaction for
+the same user and service, as the modules of /etc/pam.d/aaau (pam_limits,
+pam_unix) need nothing else from the process that opened it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import contextlib
 import fcntl
 import json
 import os
-import resource
 import signal
 import sys
 import termios
@@ -34,68 +37,73 @@ from typing import Any, NoReturn
 _KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-def _report(status_fd: int, line: str) -> None:
-    data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+def _fail(status_fd: int, message: str, pam_handle: Any = None) -> NoReturn:
+    data = ("error:" + message.replace("\n", " ") + "\n").encode("utf-8", "replace")
     with contextlib.suppress(OSError):
         os.write(status_fd, data)
-
-
-def _fail(status_fd: int, message: str) -> NoReturn:
-    _report(status_fd, "error:" + message)
+    if pam_handle is not None:
+        pam_handle.close_session()
+        pam_handle.end()
     os._exit(127)
 
 
-def _child(plan: dict[str, Any], status_fd: int) -> NoReturn:
-    """In the forked agent: drop to the agent user and exec. Never returns."""
+def _pam(plan: dict[str, Any]) -> tuple[Any, str | None]:
+    """A PAM handle after authentication for the agent user, or the reason it failed."""
+    import pam
+
+    handle = pam.PamAuthenticator()
+    service = plan["pam_service"]
+    if not handle.authenticate(plan["user"], "", service=service, call_end=False, resetcreds=False):
+        return None, f"PAM service {service} refused {plan['user']}: {handle.reason}"
+    return handle, None
+
+
+def _become_agent(plan: dict[str, Any], status_fd: int, pam_handle: Any) -> NoReturn:
+    """Drop to the agent user and exec argv. Never returns."""
     try:
-        os.setpgid(0, 0)
-        os.tcsetpgrp(0, os.getpid())
         os.initgroups(plan["user"], plan["gid"])
         os.setgid(plan["gid"])
         os.setuid(plan["uid"])
     except OSError as exc:
-        _fail(status_fd, f"cannot become user {plan['user']}: {exc.strerror}")
+        _fail(status_fd, f"cannot become user {plan['user']}: {exc.strerror}", pam_handle)
     if os.getuid() == 0 or os.geteuid() == 0 or os.getgid() == 0:
-        _fail(status_fd, "refusing to run the agent as root")
+        _fail(status_fd, "refusing to run the agent as root", pam_handle)
     try:
         os.chdir(plan["cwd"])
     except OSError as exc:
         _fail(
             status_fd,
             f"cannot enter working directory {plan['cwd']} as {plan['user']}: {exc.strerror}",
+            pam_handle,
         )
-    for sig in (*_KEYBOARD_SIGNALS, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+    # Python ignores SIGPIPE and SIGXFSZ at start-up: give the agent the defaults
+    for sig in (*_KEYBOARD_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # whatever PAM modules opened stays out of the agent
+    os.closerange(3, status_fd)
+    os.closerange(status_fd + 1, os.sysconf("SC_OPEN_MAX"))
     executable = plan["executable"]
     try:
         os.execvpe(executable, plan["argv"], plan["env"])
     except FileNotFoundError:
-        _fail(status_fd, f"program not found: {executable}")
+        _fail(status_fd, f"program not found: {executable}", pam_handle)
     except PermissionError:
-        _fail(status_fd, f"program not executable by {plan['user']}: {executable}")
+        _fail(status_fd, f"program not executable by {plan['user']}: {executable}", pam_handle)
     except OSError as exc:
-        _fail(status_fd, f"cannot execute {executable}: {exc.strerror}")
+        _fail(status_fd, f"cannot execute {executable}: {exc.strerror}", pam_handle)
 
 
-def _open_pam(plan: dict[str, Any], status_fd: int) -> Any:
-    import pam
-
-    handle = pam.PamAuthenticator()
-    service = plan["pam_service"]
-    if not handle.authenticate(plan["user"], "", service=service, call_end=False, resetcreds=False):
-        _fail(status_fd, f"PAM service {service} refused {plan['user']}: {handle.reason}")
-    if handle.open_session() != 0:
-        _fail(status_fd, f"PAM service {service} could not open a session: {handle.reason}")
-    return handle
-
-
-def main(argv: list[str]) -> NoReturn:
-    plan_fd, status_fd = int(argv[1]), int(argv[2])
-    os.set_inheritable(status_fd, False)
+def _read_plan(plan_fd: int) -> dict[str, Any]:
     with os.fdopen(plan_fd, "rb") as f:
-        plan = json.loads(f.read())
-    for sig in _KEYBOARD_SIGNALS:
+        plan: dict[str, Any] = json.loads(f.read())
+    return plan
+
+
+def launch(plan_fd: int, status_fd: int) -> NoReturn:
+    os.set_inheritable(status_fd, False)
+    plan = _read_plan(plan_fd)
+    for sig in _KEYBOARD_SIGNALS:  # until the exec: a stray ^C must not kill us half-way
         signal.signal(sig, signal.SIG_IGN)
     try:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -109,32 +117,31 @@ def main(argv: list[str]) -> NoReturn:
                 procs.write(str(os.getpid()))
         except OSError as exc:
             _fail(status_fd, f"cannot join cgroup {plan['cgroup']}: {exc.strerror}")
-    pam_handle = _open_pam(plan, status_fd)
+    handle, error = _pam(plan)
+    if error is not None:
+        _fail(status_fd, error)
+    if handle.open_session() != 0:
+        _fail(
+            status_fd,
+            f"PAM service {plan['pam_service']} could not open a session: {handle.reason}",
+        )
+    _become_agent(plan, status_fd, handle)
 
-    pid = os.fork()
-    if pid == 0:
-        _child(plan, status_fd)
-    _report(status_fd, f"pid:{pid}")
-    os.close(status_fd)
 
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signum)
+def close(plan_fd: int) -> int:
+    handle, error = _pam(_read_plan(plan_fd))
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 1
+    code = handle.close_session()
+    handle.end()
+    return 0 if code == 0 else 1
 
-    signal.signal(signal.SIGHUP, forward)
-    signal.signal(signal.SIGTERM, forward)
-    _, wstatus = os.waitpid(pid, 0)
-    pam_handle.close_session()
-    pam_handle.end()
-    if os.WIFSIGNALED(wstatus):
-        dead_by: int = os.WTERMSIG(wstatus)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if dead_by not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(dead_by, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [dead_by])
-        os.kill(os.getpid(), dead_by)
-        os._exit(128 + dead_by)
-    os._exit(os.waitstatus_to_exitcode(wstatus))
+
+def main(argv: list[str]) -> NoReturn:
+    if argv[1] == "close":
+        os._exit(close(int(argv[2])))
+    launch(int(argv[1]), int(argv[2]))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import attrs
 
 PAM_SERVICE_TEXT = """\
 # aaau: the PAM session opened for every agent the aaau server starts.
-# Only root (the server's launcher) can authenticate here; the session stack
+# Only root (the aaau server's launcher) can authenticate here; the session stack
 # applies /etc/security/limits.conf to the agent user (pam_limits).
 auth     required  pam_rootok.so
 account  required  pam_permit.so

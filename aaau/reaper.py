@@ -2,7 +2,7 @@
 
 A shell's background jobs live in process groups of their own, so killing the
 agent's group is not enough: we signal every process group whose tty session
-is the launcher's, and, where cgroup v2 is writable, the session's cgroup
+is the agent's (it is the session leader), and, where cgroup v2 is writable, the session's cgroup
 (which also holds processes that left the tty session with setsid).
 """
 

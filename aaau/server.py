@@ -16,6 +16,8 @@ import pwd
 import secrets
 import signal
 import socket as _socket
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -409,11 +411,14 @@ class Server:
                 ctx = asys.Context(role, identity.user, identity.uid, identity.groups, self.asys)
                 await conn.send(await self._asys_call(ctx, hello))
             elif isinstance(hello, m.Create):
-                session = await self._create(identity, hello)
-                await self._attached(conn, session, identity, standing, None, created=True)
+                session, att = await self._create(identity, standing, hello, _direct_send(conn))
+                await self._attached(conn, session, att)
             else:
                 session = self._find(hello.session_id)
-                await self._attached(conn, session, identity, standing, hello.role, created=False)
+                att = session.attach(
+                    identity, standing, hello.role, created=False, send_nowait=_direct_send(conn)
+                )
+                await self._attached(conn, session, att)
         except SessionError as exc:
             self.audit.write(
                 "request_failed",
@@ -447,7 +452,13 @@ class Server:
             content=action,
         )
 
-    async def _create(self, identity: Identity, req: m.Create) -> Session:
+    async def _create(
+        self,
+        identity: Identity,
+        standing: Standing,
+        req: m.Create,
+        send_nowait: Callable[[bytes], int],
+    ) -> tuple[Session, Attachment]:
         cfg = self.config
         if len(self.sessions) >= cfg.max_sessions:
             raise SessionError(
@@ -492,12 +503,18 @@ class Server:
             audit=self.audit,
             on_end=self._forget,
         )
+        # registered before it starts: limits count it, and an agent that ends at once
+        # takes it out again (ls and join skip sessions that are not alive)
+        self.sessions[session_id] = session
         try:
             try:
-                await self._sessions_nursery.start(session.run, plan)
+                att: Attachment = await self._sessions_nursery.start(
+                    partial(session.run, plan, creator_standing=standing, send_nowait=send_nowait)
+                )
             except OSError as exc:  # openpty, pipes, fds: the machine refused, say so
                 raise spawn.SpawnError(f"cannot start the agent: {exc.strerror or exc}") from exc
         except spawn.SpawnError as exc:
+            self.sessions.pop(session_id, None)
             self.audit.write(
                 "spawn_failed",
                 user=identity.user,
@@ -507,25 +524,12 @@ class Server:
                 metadata={"argv": list(plan.argv)},
             )
             raise SessionError(m.ErrorCode.SPAWN_FAILED, str(exc)) from None
-        self.sessions[session_id] = session
         log.info("session-started", session_id=session_id, user=identity.user)
-        return session
+        return session, att
 
-    async def _attached(
-        self,
-        conn: _Connection,
-        session: Session,
-        identity: Identity,
-        standing: Standing,
-        requested: m.Role | None,
-        *,
-        created: bool,
-    ) -> None:
-        fd = conn.stream.socket.fileno()
-        # the queue is closed before the stream, so this never writes to a reused fd
-        att = session.attach(
-            identity, standing, requested, created=created, send_nowait=lambda d: os.write(fd, d)
-        )
+    async def _attached(self, conn: _Connection, session: Session, att: Attachment) -> None:
+        """Serve an attached client until it leaves, the session ends or it is cut off."""
+        identity = att.identity
         reason = "connection closed"
         async with trio.open_nursery() as nursery:
             att.scope = nursery.cancel_scope
@@ -666,6 +670,16 @@ class Server:
     def _refuse(self, session: Session, att: Attachment, action: str, message: str) -> None:
         self._deny(att.identity, att.role, session.id, action)
         att.send(m.Error(m.ErrorCode.FORBIDDEN, message))
+
+
+def _direct_send(conn: _Connection) -> Callable[[bytes], int]:
+    """A non-blocking write on the client's socket, for the fan-out fast path.
+
+    The attachment's queue is closed before the stream is, so this never
+    writes to an fd number that was closed and reused.
+    """
+    fd = conn.stream.socket.fileno()
+    return lambda data: os.write(fd, data)
 
 
 def _standing_role(standing: Standing) -> m.Role:

@@ -5,7 +5,7 @@ audits output, keeps the scrollback and fans every chunk out to each client's
 bounded queue without ever waiting on a client), the single PTY writer (fed
 by a bounded channel from all clients, so input is written whole, in arrival
 order, each piece audited just before it is written), and the waiter on the
-agent's launcher, whose exit ends the session.
+agent (the server's child), whose exit ends the session.
 
 Slow clients: a client's queue holds at most ``client_queue_bytes``; one that
 falls further behind is disconnected with a ``too-slow`` error (it can rejoin
@@ -34,7 +34,7 @@ from .audit import AuditLog
 from .config import Config
 from .policy import Identity, Standing
 from .protocol import data_frame
-from .spawn import Agent, SpawnPlan, set_winsize, spawn
+from .spawn import Agent, SpawnPlan, close_pam_session, set_winsize, spawn
 
 #: the most one PTY read burst publishes as a chunk (also kept under a quarter
 #: of the client queue limit, so one chunk never evicts a client on its own)
@@ -186,12 +186,19 @@ class Session:
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(
-        self, plan: SpawnPlan, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        plan: SpawnPlan,
+        *,
+        creator_standing: Standing,
+        send_nowait: Callable[[bytes], int] | None = None,
+        task_status: trio.TaskStatus[Attachment] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Spawn the agent, then serve it until it exits.
+        """Spawn the agent, attach its creator, then serve it until it exits.
 
-        A spawn failure is raised to the caller of ``nursery.start``; nothing
-        is left behind.
+        The creator is attached before anything can end the session, so even an
+        agent that dies at once reports its exit to the one who started it. A
+        spawn failure is raised to the caller of ``nursery.start``; nothing is
+        left behind.
         """
         self._cgroup = Path(plan.cgroup) if plan.cgroup else None
         try:
@@ -214,7 +221,6 @@ class Session:
                 "argv": list(plan.argv),
                 "executable": plan.executable,
                 "agent_pid": agent.pid,
-                "launcher_pid": agent.process.pid,
                 "pty": agent.pty,
                 "cwd": plan.cwd,
                 "agent_user": plan.user,
@@ -225,7 +231,9 @@ class Session:
                 "cgroup": plan.cgroup,
             },
         )
-        task_status.started()
+        task_status.started(
+            self.attach(self.creator, creator_standing, None, created=True, send_nowait=send_nowait)
+        )
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -245,6 +253,7 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self.asys.close()
                 await self._finish(agent.process.returncode)
+                await close_pam_session(plan)
 
     async def _finish(self, returncode: int | None) -> None:
         if returncode is None:

@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import struct
+import subprocess
 import sys
 import termios
 from pathlib import Path
@@ -28,7 +29,7 @@ from .config import Config
 PROTECTED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "AAAU_SESSION_ID"})
 
 
-#: How long the launcher may take to report the agent started (PAM included).
+#: How long the launcher may take to exec the agent (PAM included).
 _START_TIMEOUT = 15.0
 
 
@@ -51,7 +52,7 @@ class SpawnPlan:
 
 @attrs.frozen
 class Agent:
-    """A started agent: its launcher process, PTY master and the agent's pid."""
+    """A started agent: its process (the launcher became it), PTY master and pid."""
 
     process: trio.Process
     master_fd: int
@@ -176,18 +177,35 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
         process.kill()
         os.close(master)
         raise
-    pid, error = None, None
+    error = None
     for line in status.decode("utf-8", "replace").splitlines():
         key, _, value = line.partition(":")
-        if key == "pid" and value.isdigit():
-            pid = int(value)
-        elif key == "error":
+        if key == "error":
             error = value
-    if error is not None or pid is None:
+    if error is not None:
         with trio.move_on_after(5):
             await process.wait()
         if process.returncode is None:
             process.kill()
         os.close(master)
-        raise SpawnError(error or f"the launcher failed (status {process.returncode})")
-    return Agent(process=process, master_fd=master, pty=pty, pid=pid)
+        raise SpawnError(error)
+    return Agent(process=process, master_fd=master, pty=pty, pid=process.pid)
+
+
+async def close_pam_session(p: SpawnPlan) -> None:
+    """Close the agent's PAM session once it has ended (see :mod:`aaau._launch`)."""
+    plan_fd = _plan_fd(p)
+    try:
+        with trio.move_on_after(_START_TIMEOUT):
+            await trio.run_process(
+                [sys.executable, "-I", "-m", "aaau._launch", "close", str(plan_fd)],
+                pass_fds=(plan_fd,),
+                env={},
+                cwd="/",
+                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+    finally:
+        os.close(plan_fd)

@@ -62,9 +62,9 @@ class ServerScope:
 
 
 def session_scope(
-    session_id: str, agent_uid: int, launcher_pid: int, cgroup: Path | None
+    session_id: str, agent_uid: int, tty_session: int, cgroup: Path | None
 ) -> SessionScope:
-    scope = SessionScope(session_id, agent_uid, launcher_pid, cgroup)
+    scope = SessionScope(session_id, agent_uid, tty_session, cgroup)
 
     async def resume() -> None:
         await process.resume_stopped(scope)

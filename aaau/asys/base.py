@@ -59,7 +59,7 @@ class SessionScope:
 
     session_id: str
     agent_uid: int
-    launcher_pid: int
+    tty_session: int  # the agent is its session leader: sid == the agent's pid
     cgroup: Path | None
     #: pid -> pidfd of processes this session stopped (resumed on close)
     stopped: dict[int, int] = attrs.field(factory=dict)

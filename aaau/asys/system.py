@@ -270,7 +270,7 @@ def session_pids(ctx: Context) -> set[int]:
     """The pids that belong to this session's agent (its tty session and its cgroup)."""
     if ctx.session is None:
         return set()
-    pids = reaper.session_members(ctx.session.launcher_pid)
+    pids = reaper.session_members(ctx.session.tty_session)
     if ctx.session.cgroup is not None:
         pids.update(reaper.cgroup_pids(ctx.session.cgroup))
     return pids
