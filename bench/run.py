@@ -129,7 +129,6 @@ async def scale(size: str) -> dict[str, Any]:
     trickle = ["sh", "-c", "while :; do sleep 5; echo tick; done"]
     async with h.aaau_server() as server:
         rss_before = h.rss_kb(server.pid)
-        avail_before = h.mem_available_kb()
         creates, joins, clients = [], [], []
         for _ in range(sessions):
             start = time.perf_counter()
@@ -149,7 +148,6 @@ async def scale(size: str) -> dict[str, Any]:
             await trio.sleep(idle_s)
             ticks1, t1 = h.cpu_ticks(server.pid), time.perf_counter()
             rss_after = h.rss_kb(server.pid)
-            avail_after = h.mem_available_kb()
             nursery.cancel_scope.cancel()
         for client in clients:
             await client.aclose()
@@ -162,8 +160,6 @@ async def scale(size: str) -> dict[str, Any]:
         "server_rss_kb_before": rss_before,
         "server_rss_kb_after": rss_after,
         "rss_kb_per_session": round((rss_after - rss_before) / sessions, 1),
-        # everything a session costs the machine: agent, clients' sockets, kernel
-        "system_kb_per_session": round((avail_before - avail_after) / sessions, 1),
         "create_p50_ms": round(pct(creates, 0.5) * 1000, 2),
         "create_p99_ms": round(pct(creates, 0.99) * 1000, 2),
         "join_p50_ms": round(pct(joins, 0.5) * 1000, 2),
