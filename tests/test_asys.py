@@ -125,6 +125,13 @@ async def _procs_row(peer: Peer, pid: int) -> dict[str, Any] | None:
     return next((p for p in result.result["procs"] if p["pid"] == pid), None)
 
 
+async def _procs_until(peer: Peer, pid: int, predicate: Any, timeout: float = 10) -> None:
+    """Ask SYS_PROCS until ``predicate(row)`` holds for the pid (fail after ``timeout``)."""
+    with trio.fail_after(timeout):
+        while not predicate(await _procs_row(peer, pid)):
+            await trio.sleep(0.1)
+
+
 async def test_ooda_loop_find_the_hog_stop_it_resume_it(server: ServerProc) -> None:
     """TC-E2E-006: SYS_PROCS finds the hog, STOP -> its CPU drops, CONT -> it recovers."""
     alice, welcome = await server.create(ALICE, ("sh", "-c", "echo busy=$$; while :; do :; done"))
@@ -137,14 +144,13 @@ async def test_ooda_loop_find_the_hog_stop_it_resume_it(server: ServerProc) -> N
     assert top["uid"] == account(AGENT)[0]
     ada, _ = await server.join(ADA, welcome.session_id)
     assert (await ask(ada, "PROC_THROTTLE", pid=pid, action="stop")).sw == "9000"
-    await trio.sleep(1.1)  # let the shared 1 s sample age out: the next one is fresh
-    row = await _procs_row(ada, pid)
-    assert row is None or (row["stopped"] and row["cpu_pct"] < 5)
     assert _state(pid) == "T"
+    # samples are shared for a second: ask until one taken after the signal says so
+    await _procs_until(ada, pid, lambda row: row is None or (row["stopped"] and row["cpu_pct"] < 5))
     assert (await ask(ada, "PROC_THROTTLE", pid=pid, action="cont")).sw == "9000"
-    await trio.sleep(1.1)
-    row = await _procs_row(ada, pid)
-    assert row is not None and not row["stopped"] and row["cpu_pct"] > 30
+    await _procs_until(
+        ada, pid, lambda row: row is not None and not row["stopped"] and row["cpu_pct"] > 30
+    )
 
 
 # --- PROC_THROTTLE ------------------------------------------------------------------------------
