@@ -252,6 +252,10 @@ class Session:
             self.alive = False
             with trio.CancelScope(shield=True):
                 await self.asys.close()
+                if agent.process.returncode is None:  # cancelled (shutdown): no orphans
+                    await reaper.terminate(agent.process.pid, self._cgroup, self.config.kill_grace)
+                    with trio.move_on_after(1):
+                        await agent.process.wait()
                 await self._finish(agent.process.returncode)
                 await close_pam_session(plan)
 
