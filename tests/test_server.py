@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -610,3 +611,39 @@ async def test_audit_replays_the_session_byte_for_byte(server: ServerProc) -> No
         "output",
         "session_end",
     } <= {r["command_type"] for r in records}
+
+
+async def test_sighup_reloads_limits_from_the_config_file(
+    start_server: ServerFactory, base_dir: Path
+) -> None:
+    config = base_dir / "reload.toml"
+    config.write_text("max_sessions = 5\n")
+    server = await start_server("--config", str(config))
+    alice, _ = await server.create(ALICE, ("cat",))
+    config.write_text("max_sessions = 1\n")
+    server.process.send_signal(signal.SIGHUP)
+    await wait_for(lambda: server.records("reload"))
+    peer = await server.peer(BOB, m.Create(V, rows=24, cols=80, term="xterm", argv=("cat",)))
+    error = await peer.expect(m.Error)
+    assert error.code == "limit" and "limit 1" in error.message
+    await alice.type(b"still-here\n")
+    await alice.expect_output(b"still-here")
+
+
+async def test_daemon_mode_returns_once_the_socket_is_ready(
+    accounts: dict[str, object], base_dir: Path
+) -> None:
+    sock, log_dir = base_dir / "daemon" / "aaau.sock", base_dir / "daemon-log"
+    result = await trio.run_process(server_argv(sock, log_dir, "--daemon"), cwd="/", check=False)
+    assert result.returncode == 0
+    assert sock.exists()  # ready before the parent returned
+    records = [json.loads(line) for line in (log_dir / "audit.jsonl").read_text().splitlines()]
+    pid = records[0]["metadata"]["pid"]
+    try:
+        assert records[0]["command_type"] == "server_start"
+        # its own session (setsid), away from the shell that started it
+        assert Path(f"/proc/{pid}/stat").read_text().split()[5] == str(pid)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not sock.exists())
+    assert (log_dir / "server.log").exists()
