@@ -289,6 +289,19 @@ async def test_missing_program_is_an_error_and_leaves_no_session(server: ServerP
     assert "not found" in record["content"]
 
 
+async def test_program_not_executable_is_a_clear_error(server: ServerProc, base_dir: Path) -> None:
+    script = base_dir / "not-executable.sh"
+    script.write_text("#!/bin/sh\necho should-not-run\n")
+    script.chmod(0o644)
+    peer = await server.peer(
+        ALICE, m.Create(V, rows=24, cols=80, term="xterm", argv=(str(script),))
+    )
+    error = await peer.expect(m.Error)
+    assert error.code == "spawn-failed"
+    assert f"program not executable by {AGENT}: {script}" in error.message
+    assert server.records("spawn_failed", user=ALICE)
+
+
 async def test_unenterable_working_directory_is_a_clear_error(
     server: ServerProc, base_dir: Path
 ) -> None:
