@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -478,3 +479,25 @@ async def test_asys_cli_inside_a_session(server: ServerProc) -> None:
     assert (rc, denied["sw"]) == (1, "6982")
     bad = await run_cli(BOB, ["asys", "-n", "no-such-session", "SYS_CAPS"], server.socket)
     assert bad.returncode == 255 and b"no session" in bad.stderr
+
+
+async def test_procs_sees_past_512_processes(server: ServerProc) -> None:
+    """asyd recorded only the first 512 pids: a hog above them was invisible."""
+    sleepers = subprocess.Popen(
+        ["sh", "-c", "for i in $(seq 600); do sleep 60 & done; wait"], start_new_session=True
+    )
+    hog = None
+    try:
+        await wait_for(lambda: len(os.listdir("/proc")) > 650, timeout=30)
+        hog = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+        peer = await server.peer(ALICE, m.AsysCall(V, 1, "SYS_PROCS", {"count": 3}))
+        result = await peer.expect(m.AsysResult, timeout=20)
+        assert result.sw == "9000" and result.result is not None
+        assert result.result["total_procs"] > 600
+        assert hog.pid in [p["pid"] for p in result.result["procs"]]
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        os.killpg(sleepers.pid, 9)
+        sleepers.wait()
