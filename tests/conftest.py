@@ -234,7 +234,17 @@ class Peer:
         return await self.until(found, timeout)
 
     async def expect_output(self, needle: bytes, timeout: float = 10.0) -> None:
-        await self.until(lambda: needle in self.output, timeout)
+        """Read until ``needle`` is in the output (searching only what is new each time)."""
+        start = 0
+
+        def found() -> bool:
+            nonlocal start
+            if self.output.find(needle, start) >= 0:
+                return True
+            start = max(0, len(self.output) - len(needle) + 1)
+            return False
+
+        await self.until(found, timeout)
 
     async def until_closed(self, timeout: float = 10.0) -> None:
         with trio.fail_after(timeout):

@@ -413,16 +413,16 @@ async def test_kill_outside_a_session_by_creator_or_admin_only(server: ServerPro
 async def test_stalled_client_is_dropped_and_others_get_every_byte(
     start_server: ServerFactory,
 ) -> None:
-    server = await start_server("--client-queue-bytes", str(1024 * 1024))
+    server = await start_server("--client-queue-bytes", str(2 * 1024 * 1024))
     alice, welcome = await server.create(
-        ALICE, ("sh", "-c", "read go; seq 1 400000; echo ALL-DONE; read x")
+        ALICE, ("sh", "-c", "read go; seq 1 800000; echo ALL-DONE; read x")
     )
     sid = welcome.session_id
     stalled, reply = await server.join(BOB, sid)  # never reads again
     assert isinstance(reply, m.Welcome)
     await alice.type(b"go\n")
     await alice.expect_output(b"ALL-DONE", timeout=60)
-    expected = "".join(f"{i}\r\n" for i in range(1, 400001)).encode()
+    expected = "".join(f"{i}\r\n" for i in range(1, 800001)).encode()
     assert expected in bytes(alice.output)
     evicted = await wait_for(lambda: server.records("client_evicted", user=BOB))
     assert evicted[0]["session_id"] == sid
