@@ -177,7 +177,10 @@ class Session:
         self._pty: trio.lowlevel.FdStream | None = None
         self._cgroup: Path | None = None
         self._scrollback = bytearray()
-        self._input_send, self._input_recv = trio.open_memory_channel[tuple[Attachment, bytes]](32)
+        self._input_send, self._input_recv = trio.open_memory_channel[
+            tuple[Attachment, bytes, bool]
+        ](32)
+        self._input_pending = 0  # items handed to the writer and not yet written
         self._reader_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._killing = False
@@ -327,6 +330,13 @@ class Session:
             self._reader_done.set()
 
     def _publish(self, data: bytes) -> None:
+        """Fan a chunk out to every client, then record it (no await in between)."""
+        frame = data_frame(data)
+        for att in list(self.clients.values()):
+            if not att.queue.put(frame):
+                self._evict(att)
+        # output is recorded right after it is handed on, off the echo's critical path;
+        # input, which has an effect, is recorded before it is written
         if self.config.record_output:
             self.audit.write_bytes("output", data, source="agent", session_id=self.id)
         sb = self._scrollback
@@ -334,10 +344,6 @@ class Session:
         limit = self.config.scrollback_bytes
         if len(sb) > 2 * limit:
             del sb[: len(sb) - limit]
-        frame = data_frame(data)
-        for att in list(self.clients.values()):
-            if not att.queue.put(frame):
-                self._evict(att)
 
     def scrollback(self) -> bytes:
         """The recent output, starting at a line boundary where it was trimmed."""
@@ -350,18 +356,22 @@ class Session:
         return data
 
     async def _write_pty(self) -> None:
+        """The PTY writer: input that could not be written at once, in arrival order."""
         assert self._pty is not None
-        async for att, data in self._input_recv:
-            who = self._who(att)
-            if data:
-                self.audit.write_bytes("input", data, source="human", **who)
-            else:
-                data = self._eof_bytes()
-                self.audit.write("input_eof", source="human", **who)
+        async for att, data, audited in self._input_recv:
+            if not audited:
+                who = self._who(att)
+                if data:
+                    self.audit.write_bytes("input", data, source="human", **who)
+                else:
+                    data = self._eof_bytes()
+                    self.audit.write("input_eof", source="human", **who)
             try:
                 await self._pty.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            finally:
+                self._input_pending -= 1
             self._last_input_byte = data[-1:]
 
     def _eof_bytes(self) -> bytes:
@@ -481,9 +491,33 @@ class Session:
     # --- requests from attached clients -----------------------------------------------------
 
     async def send_input(self, att: Attachment, data: bytes) -> None:
-        """Queue input (b"" for end of input); waits while the agent is not reading."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._input_send.send((att, data))
+        """Write or queue input (b"" for end of input); waits while the agent is not reading.
+
+        Fast path: with nothing queued before it, input is audited and written
+        to the PTY at once, without waking the writer task (a keystroke's
+        latency); whatever the PTY does not take goes to the writer, in order.
+        """
+        audited = False
+        if data and not self._input_pending and self.alive and self._agent is not None:
+            self.audit.write_bytes("input", data, source="human", **self._who(att))
+            audited = True
+            try:
+                written = os.write(self._agent.master_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the agent's terminal is gone; the session is ending
+            if written:
+                self._last_input_byte = data[written - 1 : written]
+            data = data[written:]
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+        self._input_pending += 1
+        try:
+            await self._input_send.send((att, data, audited))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._input_pending -= 1
 
     def resize(self, att: Attachment, rows: int, cols: int) -> None:
         assert self._agent is not None

@@ -35,6 +35,9 @@ NAMES = ["--agent-user", AGENT, "--group", GROUP, "--admin-group", ADMIN_GROUP]
 
 
 MARK = b"AAAU-BENCH-READY"
+#: pause between keystrokes when measuring "typing" (back to back, every CPU
+#: stays hot; with a pause, each hop may pay a wake-up from idle)
+TYPING_GAP = 0.005
 
 
 def seq_command(lines: int) -> list[str]:
@@ -106,7 +109,7 @@ async def raw_throughput(lines: int) -> tuple[float, Reader]:
     return elapsed, reader
 
 
-async def raw_echo(samples: int) -> list[float]:
+async def raw_echo(samples: int, gap: float) -> list[float]:
     master, slave = os.openpty()
     proc = subprocess.Popen(
         echo_command(), stdin=slave, stdout=slave, stderr=slave, start_new_session=True
@@ -118,6 +121,7 @@ async def raw_echo(samples: int) -> list[float]:
         reader.take(await stream.receive_some(4096))
     out = []
     for i in range(samples):
+        await trio.sleep(gap)
         key = bytes([97 + i % 26])
         start = time.perf_counter()
         await stream.send_all(key)
@@ -242,7 +246,7 @@ async def _wait_tmux_mark(tmux: Tmux) -> None:
             await trio.sleep(0.02)
 
 
-async def tmux_echo(samples: int) -> list[float]:
+async def tmux_echo(samples: int, gap: float) -> list[float]:
     tmux = Tmux()
     tmux.new_session(shlex.join(echo_command()))
     reader = Reader()
@@ -260,6 +264,7 @@ async def tmux_echo(samples: int) -> list[float]:
                 while not reader.armed:
                     await trio.sleep(0.01)
             for i in range(samples):
+                await trio.sleep(gap)
                 key = _TMUX_SAFE_KEYS[i % len(_TMUX_SAFE_KEYS)]
                 before = reader.bytes
                 start = time.perf_counter()
@@ -441,13 +446,14 @@ async def aaau_throughput(
     return elapsed, [c.reader for c in clients]
 
 
-async def aaau_echo(server: AaauServer, samples: int) -> list[float]:
+async def aaau_echo(server: AaauServer, samples: int, gap: float) -> list[float]:
     client = await Client.connect(server, create(echo_command()))
     with trio.fail_after(10):
         while not client.reader.armed:
             await client.pump()
     out = []
     for i in range(samples):
+        await trio.sleep(gap)
         key = bytes([97 + i % 26])
         before = client.reader.bytes
         start = time.perf_counter()

@@ -29,6 +29,7 @@ def test_benchmark_smoke_run_measures_every_scenario() -> None:
         assert row["aaau_every_byte"] is True
         assert row["raw_s"] > 0 and row["aaau_s"] > 0
         assert row["payload_bytes"] > 20_000
-    assert out["echo"]["aaau"]["p50_ms"] > 0
+    assert out["echo"]["hot"]["aaau"]["p50_ms"] > 0
+    assert out["echo"]["typing"]["aaau"]["p50_ms"] > 0
     assert out["scale"]["sessions"] == 3 and out["scale"]["clients"] == 9
     assert out["slow"]["others_every_byte"] is True
