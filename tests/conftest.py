@@ -390,7 +390,6 @@ async def run_cli(
     user: str, args: list[str], sock: Path | str, *, stdin: bytes = b"", timeout: float = 30
 ) -> subprocess.CompletedProcess[bytes]:
     """Run the real ``aaau`` client as ``user`` with piped stdin."""
-    uid, gid, groups = account(user)
     with trio.fail_after(timeout):
         return await trio.run_process(
             [PY, "-m", "aaau", *args],
@@ -398,9 +397,17 @@ async def run_cli(
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            user=uid,
-            group=gid,
-            extra_groups=groups,
-            cwd="/",
-            env={"AAAU_SOCKET": str(sock), "PATH": "/usr/bin:/bin", "TERM": "xterm"},
+            **as_client(user, sock),
         )
+
+
+def as_client(user: str, sock: Path | str) -> dict[str, Any]:
+    """run_process arguments that run the ``aaau`` client as ``user`` against ``sock``."""
+    uid, gid, groups = account(user)
+    return {
+        "user": uid,
+        "group": gid,
+        "extra_groups": groups,
+        "cwd": "/",
+        "env": {"AAAU_SOCKET": str(sock), "PATH": "/usr/bin:/bin", "TERM": "xterm"},
+    }

@@ -28,6 +28,7 @@ from .conftest import (
     PY,
     ServerProc,
     account,
+    as_client,
     gid_of,
     init_argv,
     root,
@@ -134,10 +135,8 @@ async def client_on_a_terminal(
 ) -> AsyncIterator[tuple[PtyClient, list[Any]]]:
     """Yields the client and [termios before]; appends termios after once it is gone."""
     master, slave = os.openpty()
-    uid, gid, groups = account(user)
-    os.chown(os.ttyname(slave), uid, -1)
+    os.chown(os.ttyname(slave), account(user)[0], -1)
     modes = [termios.tcgetattr(slave)]
-    env = {"AAAU_SOCKET": str(sock), "TERM": "xterm", "PATH": "/usr/bin:/bin"}
     try:
         async with trio.open_nursery() as nursery:
             proc = await nursery.start(
@@ -148,12 +147,8 @@ async def client_on_a_terminal(
                     stdout=slave,
                     stderr=slave,
                     check=False,
-                    user=uid,
-                    group=gid,
-                    extra_groups=groups,
                     start_new_session=True,
-                    cwd="/",
-                    env=env,
+                    **as_client(user, sock),
                 )
             )
             yield PtyClient(master, slave, proc), modes
