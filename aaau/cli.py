@@ -142,7 +142,7 @@ def _run_server(args: argparse.Namespace) -> int:
     }
     try:
         config = load(args.config).with_overrides(**overrides)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"aaau-server: {exc}", file=sys.stderr)
         return 1
     ready_fd = args.ready_fd

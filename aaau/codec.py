@@ -75,6 +75,11 @@ def _describe(exc: BaseException, type_: Any) -> str:
     return format_exception(exc, type_)
 
 
+def describe_error(exc: cattrs.BaseValidationError) -> str:
+    """Every problem cattrs found, one per clause, validators' messages included."""
+    return "; ".join(cattrs.transform_error(exc, format_exception=_describe))
+
+
 def _decode(payload: bytes, union: Any, tags: set[str]) -> Any:
     try:
         obj = json.loads(payload.decode("utf-8"))
@@ -90,8 +95,9 @@ def _decode(payload: bytes, union: Any, tags: set[str]) -> Any:
     try:
         return converter.structure(obj, union)
     except cattrs.BaseValidationError as exc:
-        detail = "; ".join(cattrs.transform_error(exc, format_exception=_describe))
-        raise ProtocolError(f"invalid {tag} message: {detail}", code="bad-message") from None
+        raise ProtocolError(
+            f"invalid {tag} message: {describe_error(exc)}", code="bad-message"
+        ) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ProtocolError(f"invalid {tag} message: {exc}", code="bad-message") from None
 

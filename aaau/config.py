@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import cattrs
 
 from . import codec
 
@@ -47,6 +48,24 @@ class Config:
     task_quota: int = 8
     task_ttl: float = 300.0
 
+    def __attrs_post_init__(self) -> None:
+        if self.client_queue_bytes < self.scrollback_bytes + 65536:
+            raise ValueError(
+                "client_queue_bytes must exceed scrollback_bytes by at least 64 KiB: a joining "
+                "client gets the whole scrollback at once"
+            )
+        for name in (
+            "handshake_timeout",
+            "max_frame",
+            "clients_per_session",
+            "max_sessions",
+            "sessions_per_user",
+            "kill_grace",
+            "task_quota",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with every override that is not None applied."""
         return attrs.evolve(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -68,11 +87,7 @@ def load(path: str | Path | None) -> Config:
     data = data.get("server", data)
     try:
         return codec.structure(data, Config)
-    except Exception as exc:
-        import cattrs
-
-        if isinstance(exc, cattrs.BaseValidationError):
-            detail = "; ".join(cattrs.transform_error(exc))
-        else:
-            detail = str(exc)
-        raise ConfigError(f"invalid config {path}: {detail}") from None
+    except cattrs.BaseValidationError as exc:
+        raise ConfigError(f"invalid config {path}: {codec.describe_error(exc)}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid config {path}: {exc}") from None

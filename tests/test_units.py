@@ -136,6 +136,17 @@ def test_config_file_is_strict(tmp_path: Path) -> None:
         load(extra)
 
 
+def test_config_refuses_inconsistent_limits(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="client_queue_bytes"):
+        Config(client_queue_bytes=1024, scrollback_bytes=4096)
+    with pytest.raises(ValueError, match="max_sessions must be positive"):
+        Config().with_overrides(max_sessions=0)
+    bad = tmp_path / "limits.toml"
+    bad.write_text("client_queue_bytes = 1000\n")
+    with pytest.raises(ConfigError, match="client_queue_bytes"):
+        load(bad)
+
+
 def test_init_renders_names_into_the_shipped_templates() -> None:
     layout = provision.Layout(
         agent_user="bot",

@@ -113,8 +113,7 @@ async def dispatch(name: str, args: dict[str, Any], ctx: Context) -> tuple[str, 
     try:
         typed: Any = codec.converter.structure(args, instr.args)
     except cattrs.BaseValidationError as exc:
-        detail = "; ".join(cattrs.transform_error(exc))
-        return SW.WRONG_LENGTH, None, f"invalid arguments for {name}: {detail}"
+        return (SW.WRONG_LENGTH, None, f"invalid arguments for {name}: {codec.describe_error(exc)}")
     try:
         return SW.OK, await instr.handler(ctx, typed), ""
     except AsysError as exc:
