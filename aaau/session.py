@@ -485,6 +485,8 @@ class Session:
     def _redraw(self) -> None:
         """SIGWINCH to the foreground process group, so a full-screen program repaints."""
         assert self._agent is not None
+        if not self.alive:  # the master fd may be closed, its number reused
+            return
         with contextlib.suppress(OSError):
             os.killpg(os.tcgetpgrp(self._agent.master_fd), signal.SIGWINCH)
 
@@ -520,7 +522,10 @@ class Session:
             self._input_pending -= 1
 
     def resize(self, att: Attachment, rows: int, cols: int) -> None:
+        """Set the PTY size (ignored once the agent has ended: its fd may be gone)."""
         assert self._agent is not None
+        if not self.alive:
+            return
         self.audit.write(
             "resize",
             source="human",
@@ -545,7 +550,7 @@ class Session:
         self.kill_all()
 
     def kill_all(self) -> None:
-        if self._killing or self._nursery is None or self._agent is None:
+        if self._killing or not self.alive or self._nursery is None or self._agent is None:
             return
         self._killing = True
         self._nursery.start_soon(
