@@ -575,6 +575,8 @@ class Server:
 
     async def _pump_in(self, conn: _Connection, session: Session, att: Attachment) -> str:
         while (frame := await conn.next_frame()) is not None:
+            if not session.alive:  # the agent has ended: what is left is to say so
+                return "session ended"
             if frame.kind is Kind.DATA:
                 if policy.may_write(att.role):
                     if frame.payload:
