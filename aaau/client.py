@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -149,14 +150,18 @@ async def attach(path: str, hello: m.Create | m.Join) -> int:
             file=sys.stderr,
             flush=True,
         )
-        if os.isatty(0):
-            tty_fd = open_tty(0)
-            with raw_mode(0):
-                return await _run(link, welcome, tty_fd)
-        return await _run(link, welcome, None)
+        # the signals are ours before the terminal goes raw, so none can leave it raw
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
+            if os.isatty(0):
+                tty_fd = open_tty(0)
+                with raw_mode(0):
+                    return await _run(link, welcome, tty_fd, signals)
+            return await _run(link, welcome, None, signals)
 
 
-async def _run(link: _Link, welcome: m.Welcome, tty_fd: int | None) -> int:
+async def _run(
+    link: _Link, welcome: m.Welcome, tty_fd: int | None, signals: AsyncIterator[int]
+) -> int:
     result: list[int] = []
     tty = trio.lowlevel.FdStream(tty_fd) if tty_fd is not None else None
     async with trio.open_nursery() as nursery:
@@ -172,7 +177,7 @@ async def _run(link: _Link, welcome: m.Welcome, tty_fd: int | None) -> int:
             nursery.start_soon(_winch, link, welcome.role)
         elif welcome.role is not m.Role.READONLY:
             nursery.start_soon(_pipe_input, link)
-        nursery.start_soon(_signals, finish)
+        nursery.start_soon(_signals, signals, finish)
     if tty is not None:
         with trio.CancelScope(shield=True):
             await tty.aclose()
@@ -257,11 +262,10 @@ async def _winch(link: _Link, role: m.Role) -> None:
                 await link.send(m.Resize(rows=rows, cols=cols))
 
 
-async def _signals(finish: Any) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
-        async for signum in signals:
-            finish(128 + signum)
-            return
+async def _signals(signals: AsyncIterator[int], finish: Any) -> None:
+    async for signum in signals:
+        finish(128 + signum)
+        return
 
 
 def print_json(obj: Any) -> None:

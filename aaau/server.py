@@ -191,7 +191,8 @@ class Server:
                 self.asys = asys.ServerScope(self.config, audit, sessions_nursery)
                 await sessions_nursery.start(self.asys.status.run)
                 async with trio.open_nursery() as conns:
-                    conns.start_soon(self._watch_signals)
+                    # signals are ours before anyone is told we are ready
+                    await conns.start(self._watch_signals)
                     accept_scope = trio.CancelScope()
                     conns.start_soon(self._accept, listener, accept_scope, conns)
                     task_status.started()
@@ -242,8 +243,11 @@ class Server:
     def stop(self) -> None:
         self._shutdown.set()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.reload()
@@ -575,8 +579,10 @@ class Server:
 
     async def _pump_in(self, conn: _Connection, session: Session, att: Attachment) -> str:
         while (frame := await conn.next_frame()) is not None:
-            if not session.alive:  # the agent has ended: what is left is to say so
-                return "session ended"
+            if not session.alive:
+                # the agent has ended: nothing more is acted on; the exit status is on
+                # its way through the queue, and the writer closes the connection after it
+                continue
             if frame.kind is Kind.DATA:
                 if policy.may_write(att.role):
                     if frame.payload:
