@@ -45,11 +45,6 @@ class Role(enum.Enum):
 _RANK = {Role.READONLY: 0, Role.INTERACTIVE: 1, Role.ADMIN: 2}
 
 
-def _no_nul(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, str) and "\0" in value:
-        raise ValueError(f"{attribute.name} must not contain NUL")
-
-
 def _argv(_inst: object, _attr: attrs.Attribute[Any], value: tuple[str, ...] | None) -> None:
     if value is None:
         return

@@ -30,9 +30,6 @@ session  required  pam_limits.so
 session  optional  pam_unix.so
 """
 
-_DEFAULTS = {"agent": "agent", "group": "aaau", "admin": "aaau-admin"}
-
-
 class InitError(Exception):
     pass
 

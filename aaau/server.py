@@ -411,7 +411,7 @@ class Server:
                     await session.ended.wait()
                 await conn.send(m.Done(f"session {session.id} killed"))
             elif isinstance(hello, m.AsysCall):
-                role = _standing_role(standing) if standing is Standing.ADMIN else m.Role.READONLY
+                role = m.Role.ADMIN if standing is Standing.ADMIN else m.Role.READONLY
                 ctx = asys.Context(role, identity.user, identity.uid, identity.groups, self.asys)
                 await conn.send(await self._asys_call(ctx, hello))
             elif isinstance(hello, m.Create):
