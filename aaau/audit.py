@@ -5,6 +5,10 @@ one ``write(2)`` on a file opened ``O_APPEND``, so lines never interleave and
 a record is in the kernel before the input or command it records is applied.
 Terminal bytes are stored losslessly: as text when they are valid UTF-8,
 otherwise as base64 (``metadata.encoding`` says which). See docs/audit.md.
+
+:meth:`AuditLog.bind` returns a :class:`BoundAudit` that fills in who and
+where (user, uid, role, session, client) on every record it writes, in the
+manner of structlog's ``bind``: binding returns a new object, never changes one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import base64
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -55,6 +60,15 @@ class AuditLog:
         self._seq = 0
         self._fd = -1
         self.reopen(gid=gid)
+
+    @classmethod
+    def open_in(cls, log_dir: str, *, gid: int | None) -> AuditLog:
+        """``audit.jsonl`` in ``log_dir``, made ``root:gid 0750`` if it is missing."""
+        directory = Path(log_dir)
+        if not directory.is_dir():
+            directory.mkdir(mode=0o750, parents=True)
+            os.chown(directory, 0, gid if gid is not None else 0)
+        return cls(str(directory / "audit.jsonl"), gid=gid)
 
     def reopen(self, *, gid: int | None = None) -> None:
         """(Re)open the file, as after a log rotation."""
@@ -109,3 +123,46 @@ class AuditLog:
         metadata["encoding"] = encoding
         metadata["bytes"] = len(data)
         return self.write(command_type, content=content, metadata=metadata, **fields)
+
+    def bind(self, **context: Any) -> BoundAudit:
+        """A view of this log that adds ``context`` to every record (see BoundAudit)."""
+        return BoundAudit(self, {}, {}).bind(**context)
+
+
+#: the record fields a BoundAudit may carry; any other bound key goes into metadata
+_FIELDS = frozenset({"source", "user", "uid", "role", "session_id"})
+
+
+class BoundAudit:
+    """The audit log with who and where filled in.
+
+    ``bind(user=..., uid=..., role=..., session_id=..., client_id=...)``:
+    the record fields (source, user, uid, role, session_id) fill those fields,
+    anything else (``client_id``, ``peer_pid``) goes into each record's
+    metadata. Immutable: ``bind`` returns a new object.
+    """
+
+    __slots__ = ("_fields", "_log", "_metadata")
+
+    def __init__(self, log: AuditLog, fields: dict[str, Any], metadata: dict[str, Any]) -> None:
+        self._log = log
+        self._fields = fields
+        self._metadata = metadata
+
+    def bind(self, **context: Any) -> BoundAudit:
+        fields, metadata = dict(self._fields), dict(self._metadata)
+        for key, value in context.items():
+            (fields if key in _FIELDS else metadata)[key] = value
+        return BoundAudit(self._log, fields, metadata)
+
+    def _merged(self, fields: dict[str, Any]) -> dict[str, Any]:
+        metadata = fields.pop("metadata", None)
+        if self._metadata or metadata:
+            fields["metadata"] = {**self._metadata, **(metadata or {})}
+        return {**self._fields, **fields}
+
+    def write(self, command_type: str, **fields: Any) -> AuditRecord:
+        return self._log.write(command_type, **self._merged(fields))
+
+    def write_bytes(self, command_type: str, data: bytes, **fields: Any) -> AuditRecord:
+        return self._log.write_bytes(command_type, data, **self._merged(fields))

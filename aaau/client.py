@@ -20,48 +20,43 @@ import trio
 
 from . import codec
 from . import messages as m
+from .errors import ErrorCode, ProtocolError
 from .escape import EscapeFilter
-from .protocol import FrameDecoder, Kind, ProtocolError, data_frame
+from .framing import FramedStream
+from .protocol import Kind, data_frame
 from .terminal import open_tty, raw_mode, window_size
 
 EXIT_ERROR = 255
-_NONFATAL = {m.ErrorCode.FORBIDDEN, m.ErrorCode.SHUTDOWN}
+_NONFATAL = {ErrorCode.FORBIDDEN, ErrorCode.SHUTDOWN}
 
 
 class ClientError(Exception):
     """Something went wrong on our side of the session: exit 255 with this message."""
 
 
+#: the largest frame taken from the server (its output chunks are at most 128 KiB)
+_MAX_FRAME = 1 << 24
+
+
 class _Link:
     """A connection to the server: framed messages in and out."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder(1 << 24)
-        self._frames: list[Any] = []
+        self.framed = FramedStream(stream, _MAX_FRAME)
 
     async def send(self, message: m.ClientMessage) -> None:
-        await self.stream.send_all(codec.encode(message))
-
-    async def next_frame(self) -> Any:
-        while not self._frames:
-            try:
-                data = await self.stream.receive_some(1 << 16)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                return None
-            self.decoder.receive_data(data)
-            self._frames = self.decoder.frames()
-        return self._frames.pop(0)
+        await self.framed.send(message)
 
     async def next_control(self) -> m.ServerMessage:
-        frame = await self.next_frame()
+        frame = await self.framed.next_frame()
         if frame is None:
             raise ClientError("the server closed the connection")
         if frame.kind is not Kind.CONTROL:
             raise ClientError("protocol error: expected a control message")
         return codec.decode_server(frame.payload)
+
+    async def aclose(self) -> None:
+        await self.framed.aclose()
 
 
 async def connect(path: str) -> _Link:
@@ -80,7 +75,7 @@ def _fail_on_error(reply: m.ServerMessage) -> None:
 async def one_shot(path: str, request: m.ClientMessage) -> m.ServerMessage:
     """Send a request that needs no session and return the server's answer."""
     link = await connect(path)
-    async with link.stream:
+    async with link.framed.stream:
         await link.send(request)
         reply = await link.next_control()
     _fail_on_error(reply)
@@ -96,13 +91,13 @@ async def asys_call(
         reply = await one_shot(path, m.AsysCall(v, 1, instruction, args))
     else:
         link = await connect(path)
-        async with link.stream:
+        async with link.framed.stream:
             await link.send(m.Join(v, session_id))
             welcome = await link.next_control()
             _fail_on_error(welcome)
             await link.send(m.AsysRequest(1, instruction, args))
             while True:
-                frame = await link.next_frame()
+                frame = await link.framed.next_frame()
                 if frame is None:
                     raise ClientError("the server closed the connection")
                 if frame.kind is Kind.CONTROL:
@@ -138,7 +133,7 @@ def session_json(info: m.SessionInfo) -> Any:
 async def attach(path: str, hello: m.Create | m.Join) -> int:
     """Run an interactive (or piped) session; returns the process exit status."""
     link = await connect(path)
-    async with link.stream:
+    async with link.framed.stream:
         await link.send(hello)
         welcome = await link.next_control()
         _fail_on_error(welcome)
@@ -193,7 +188,7 @@ def _notice(text: str, tty: trio.lowlevel.FdStream | None) -> None:
 async def _receive(link: _Link, tty: trio.lowlevel.FdStream | None, finish: Any) -> None:
     while True:
         try:
-            frame = await link.next_frame()
+            frame = await link.framed.next_frame()
         except ProtocolError as exc:
             _notice(f"protocol error from the server: {exc}", tty)
             finish(EXIT_ERROR)
@@ -232,7 +227,7 @@ async def _keyboard(link: _Link, tty: trio.lowlevel.FdStream, role: m.Role, fini
     while data := await tty.receive_some(4096):
         data, detach = escape.feed(data)
         if data and role is not m.Role.READONLY:
-            await link.stream.send_all(data_frame(data))
+            await link.framed.send_frame(data_frame(data))
         if detach:
             await link.send(m.Detach())
             _notice("detached", tty)
@@ -246,7 +241,7 @@ async def _pipe_input(link: _Link) -> None:
         if not data:
             await link.send(m.InputEof())
             return
-        await link.stream.send_all(data_frame(data))
+        await link.framed.send_frame(data_frame(data))
 
 
 async def _winch(link: _Link, role: m.Role) -> None:

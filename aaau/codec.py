@@ -2,15 +2,17 @@
 
 A control payload is a JSON object whose ``type`` key names the message
 (``"resize"``, ``"welcome"``, ...). Extra keys, wrong types, coercible-looking
-strings (``"80"`` for an int) and unknown types are all refused with a
-:class:`aaau.protocol.ProtocolError` carrying a precise message.
+strings (``"80"`` for an int), values outside an enum and unknown types are
+all refused with a :class:`aaau.errors.ProtocolError` carrying a precise
+message. :func:`decode_hello` holds the rules for a connection's first frame.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar, cast, get_args
 
 import cattrs
 from cattrs.preconf.json import make_converter
@@ -18,7 +20,8 @@ from cattrs.strategies import configure_tagged_union
 from cattrs.v import format_exception
 
 from . import messages as m
-from .protocol import Kind, ProtocolError, encode_frame
+from .errors import ErrorCode, ProtocolError
+from .protocol import Frame, Kind, encode_frame
 
 T = TypeVar("T")
 
@@ -50,6 +53,15 @@ def _make() -> cattrs.Converter:
         return float(value)  # type: ignore[arg-type]
 
     conv.register_structure_hook(float, _float)
+
+    def _enum(value: object, type_: type[enum.Enum]) -> enum.Enum:
+        if type(value) is not str:
+            raise TypeError(f"expected a string, got {type(value).__name__}")
+        return type_(value)
+
+    # StrEnum before str: singledispatch picks the nearest class in the MRO
+    conv.register_structure_hook(enum.StrEnum, _enum)
+    conv.register_structure_hook(enum.Enum, _enum)
     configure_tagged_union(m.ClientMessage, conv, tag_generator=tag_of, tag_name="type")
     configure_tagged_union(m.ServerMessage, conv, tag_generator=tag_of, tag_name="type")
     return conv
@@ -58,6 +70,7 @@ def _make() -> cattrs.Converter:
 converter = _make()
 
 _SERVER_TYPES = frozenset(get_args(m.ServerMessage))
+_HELLO_TYPES = get_args(m.Hello)
 _CLIENT_TAGS = {tag_of(c) for c in get_args(m.ClientMessage)}
 _SERVER_TAGS = {tag_of(c) for c in _SERVER_TYPES}
 
@@ -84,27 +97,51 @@ def _decode(payload: bytes, union: Any, tags: set[str]) -> Any:
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"control frame is not UTF-8 JSON: {exc}", code="bad-message") from None
+        raise ProtocolError(f"control frame is not UTF-8 JSON: {exc}", code=_BAD) from None
     if not isinstance(obj, dict):
-        raise ProtocolError("control frame must hold a JSON object", code="bad-message")
+        raise ProtocolError("control frame must hold a JSON object", code=_BAD)
     tag = obj.get("type")
     if not isinstance(tag, str):
-        raise ProtocolError("control message has no string 'type'", code="bad-message")
+        raise ProtocolError("control message has no string 'type'", code=_BAD)
     if tag not in tags:
-        raise ProtocolError(f"unknown control message type {tag!r}", code="bad-message")
+        raise ProtocolError(f"unknown control message type {tag!r}", code=_BAD)
     try:
         return converter.structure(obj, union)
     except cattrs.BaseValidationError as exc:
-        raise ProtocolError(
-            f"invalid {tag} message: {describe_error(exc)}", code="bad-message"
-        ) from None
+        raise ProtocolError(f"invalid {tag} message: {describe_error(exc)}", code=_BAD) from None
     except (ValueError, TypeError, KeyError) as exc:
-        raise ProtocolError(f"invalid {tag} message: {exc}", code="bad-message") from None
+        raise ProtocolError(f"invalid {tag} message: {exc}", code=_BAD) from None
+
+
+_BAD = ErrorCode.BAD_MESSAGE
 
 
 def decode_client(payload: bytes) -> m.ClientMessage:
     """A CONTROL payload from a client as a typed message."""
     return _decode(payload, m.ClientMessage, _CLIENT_TAGS)  # type: ignore[no-any-return]
+
+
+def decode_hello(frame: Frame) -> m.Hello:
+    """A connection's first frame as its hello, by the handshake's three rules.
+
+    It must be a CONTROL frame, hold one of the hello messages, and speak
+    this server's protocol version; anything else is a :class:`ProtocolError`.
+    """
+    if frame.kind is not Kind.CONTROL:
+        raise ProtocolError("the first frame must be a control message (hello)")
+    hello: m.ClientMessage = decode_client(frame.payload)
+    if not isinstance(hello, _HELLO_TYPES):
+        expected = ", ".join(tag_of(c) for c in _HELLO_TYPES)
+        raise ProtocolError(
+            f"expected one of {expected}, got {tag_of(type(hello))}", code=_BAD
+        )
+    if hello.version != m.PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {hello.version} is not supported "
+            f"(this server speaks {m.PROTOCOL_VERSION})",
+            code=ErrorCode.VERSION,
+        )
+    return cast(m.Hello, hello)
 
 
 def decode_server(payload: bytes) -> m.ServerMessage:

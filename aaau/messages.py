@@ -13,6 +13,8 @@ from typing import Any
 import attrs
 from attrs import validators as v
 
+from .errors import ErrorCode
+
 #: The protocol version this code speaks. A peer announcing another is refused.
 PROTOCOL_VERSION = 1
 
@@ -239,7 +241,7 @@ class Welcome:
 class Error:
     """Something the peer asked for failed; ``code`` is machine-readable."""
 
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -292,13 +294,45 @@ class Done:
     message: str
 
 
+class StatusWord(enum.StrEnum):
+    """ASys status words (ISO 7816 style): ``9000`` is success, the rest say why not."""
+
+    OK = "9000"
+    BLOCKED = "6400"  # transient: back off (quota, rate)
+    WRONG_LENGTH = "6700"  # missing, extra or mistyped arguments
+    DENIED = "6982"  # identity fine, operation refused: do not retry
+    WRONG_DATA = "6A80"  # an argument's value is refused: do not retry it
+    NOT_FOUND = "6A81"  # no such instruction (for this caller, here)
+    NOT_SUPPORTED = "6D00"  # this machine cannot do it; never simulated
+    SYSTEM_ERROR = "6F00"
+    OUT_OF_MEMORY = "6F01"
+
+    @property
+    def label(self) -> str:
+        """The name clients see beside the word: ``ok``, ``access_denied``, ..."""
+        return _SW_LABELS[self]
+
+
+_SW_LABELS = {
+    StatusWord.OK: "ok",
+    StatusWord.BLOCKED: "blocked",
+    StatusWord.WRONG_LENGTH: "wrong_length",
+    StatusWord.DENIED: "access_denied",
+    StatusWord.WRONG_DATA: "wrong_data",
+    StatusWord.NOT_FOUND: "not_found",
+    StatusWord.NOT_SUPPORTED: "not_supported",
+    StatusWord.SYSTEM_ERROR: "system_error",
+    StatusWord.OUT_OF_MEMORY: "out_of_memory",
+}
+
+
 @attrs.frozen
 class AsysResult:
     """The answer to an ASys instruction: status word, its name, and the fields."""
 
     request_id: int
     instruction: str
-    sw: str
+    sw: StatusWord
     status: str
     result: dict[str, Any] | None = None
     message: str = ""
@@ -317,22 +351,3 @@ ServerMessage = (
     | Done
     | AsysResult
 )
-
-
-class ErrorCode:
-    """The ``code`` values of :class:`Error`."""
-
-    BAD_FRAME = "bad-frame"
-    TOO_LARGE = "too-large"
-    BAD_MESSAGE = "bad-message"
-    VERSION = "version"
-    REFUSED = "refused"
-    FORBIDDEN = "forbidden"
-    UNKNOWN_SESSION = "unknown-session"
-    LIMIT = "limit"
-    SPAWN_FAILED = "spawn-failed"
-    TIMEOUT = "timeout"
-    TOO_SLOW = "too-slow"
-    SHUTDOWN = "server-shutdown"
-    REVOKED = "revoked"
-    INTERNAL = "internal"

@@ -61,11 +61,18 @@ def admit(identity: Identity, groups: Groups) -> Standing | Refusal:
     return Refusal(f"user {identity.user} (uid {identity.uid}) is not a member of the aaau groups")
 
 
-def max_role(standing: Standing, uid: int, *, creator_uid: int, shared: bool) -> Role:
-    """The strongest role ``uid`` may hold in a session."""
+def max_role(
+    standing: Standing, uid: int, *, creator_uid: int | None = None, shared: bool = False
+) -> Role:
+    """The strongest role ``uid`` may hold in a session (``creator_uid`` None: outside any).
+
+    The one mapping from standing to role: an Admin is Admin everywhere; a
+    member is Interactive in its own and in shared sessions, ReadOnly elsewhere,
+    and ReadOnly outside a session (ASys calls that need no session).
+    """
     if standing is Standing.ADMIN:
         return Role.ADMIN
-    if uid == creator_uid or shared:
+    if creator_uid is not None and (uid == creator_uid or shared):
         return Role.INTERACTIVE
     return Role.READONLY
 

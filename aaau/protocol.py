@@ -18,6 +18,18 @@ import struct
 
 import attrs
 
+from .errors import ErrorCode, ProtocolError
+
+__all__ = [
+    "HEADER_SIZE",
+    "Frame",
+    "FrameDecoder",
+    "Kind",
+    "ProtocolError",
+    "data_frame",
+    "encode_frame",
+]
+
 _HEADER = struct.Struct(">BI")
 HEADER_SIZE = _HEADER.size
 
@@ -25,17 +37,6 @@ HEADER_SIZE = _HEADER.size
 class Kind(enum.IntEnum):
     DATA = 0
     CONTROL = 1
-
-
-class ProtocolError(Exception):
-    """The peer sent bytes that are not a valid frame or message.
-
-    ``code`` is the :class:`aaau.messages.ErrorCode` to answer with.
-    """
-
-    def __init__(self, message: str, *, code: str = "bad-frame") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -107,7 +108,7 @@ class FrameDecoder:
             self._fail(
                 ProtocolError(
                     f"frame of {length} bytes exceeds the limit of {self.max_payload}",
-                    code="too-large",
+                    code=ErrorCode.TOO_LARGE,
                 )
             )
         end = start + HEADER_SIZE + length

@@ -1,121 +1,58 @@
 """One agent on one PTY, and the people attached to it.
 
-A session owns three tasks in its own nursery: the single PTY reader (which
-audits output, keeps the scrollback and fans every chunk out to each client's
-bounded queue without ever waiting on a client), the single PTY writer (fed
-by a bounded channel from all clients, so input is written whole, in arrival
-order, each piece audited just before it is written), and the waiter on the
-agent (the server's child), whose exit ends the session.
+A session runs in the registry's nursery. :meth:`Session.run` starts the
+agent, attaches its creator, then owns three tasks: the PTY reader (every
+chunk goes to :meth:`Session.publish`, which fans it out to each client's
+:class:`aaau.outbox.Outbox` without waiting, records it and keeps it for late
+joiners), the PTY input writer, and the wait for the agent, whose exit ends
+the session. Its life is :class:`SessionState`.
 
-Slow clients: a client's queue holds at most ``client_queue_bytes``; one that
-falls further behind is disconnected with a ``too-slow`` error (it can rejoin
-and repaint from the scrollback). Nobody else, and not the agent, waits.
+The session knows clients only as :class:`Attachment` records with an
+outbox: it puts frames in and closes outboxes; it never touches a socket and
+never reaches into a connection. Closing a client's outbox is how the session
+hangs up on it (evicted, revoked, session ended): the connection sees that.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
+import enum
 import itertools
-import os
 import signal
-import termios
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Final
 
 import attrs
 import trio
 
 from . import asys, codec, policy, reaper
 from . import messages as m
-from .audit import AuditLog
+from .audit import AuditLog, BoundAudit
 from .config import Config
+from .errors import ErrorCode, RequestError
+from .outbox import Outbox
 from .policy import Identity, Standing
 from .protocol import data_frame
-from .spawn import Agent, SpawnPlan, close_pam_session, set_winsize, spawn
+from .pty import PtyInput, PtyMaster, PtyReader, Scrollback
+from .spawn import Agent, Spawner, SpawnPlan
 
 #: the most one PTY read burst publishes as a chunk (also kept under a quarter
 #: of the client queue limit, so one chunk never evicts a client on its own)
-_READ_SIZE = 128 * 1024
+READ_SIZE: Final = 128 * 1024
+#: after the agent exits, how long the output it left in the PTY may take to drain
+OUTPUT_DRAIN: Final = 1.0
+#: after a cancelled session's agent was told to end, how long to wait for it
+REAP_WAIT: Final = 1.0
 
 
-class SessionError(Exception):
-    """A request on a session failed; ``code`` is an :class:`ErrorCode`."""
+class SessionState(enum.Enum):
+    """A session's life, in order; it never goes back."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ClientQueue:
-    """A client's outgoing frames, bounded in bytes; never blocks the producer.
-
-    The bound covers what is queued plus what the writer holds but has not
-    finished sending, so a stalled client costs at most ``limit`` bytes.
-
-    Fast path: when nothing is queued or being sent, ``put`` hands the frame
-    straight to ``send_nowait`` (a non-blocking write on the client's socket),
-    so a client that keeps up costs one syscall per chunk and no task switch.
-    Whatever the socket does not take is queued for the connection's writer.
-    """
-
-    def __init__(self, limit: int, send_nowait: Callable[[bytes], int] | None = None) -> None:
-        self.limit = limit
-        self.overflowed = False
-        self.send_nowait = send_nowait
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._closed = False
-        self._busy = False  # the writer holds data it has not finished sending
-        self._inflight = 0  # bytes the writer holds: they count against the limit too
-        self._lot = trio.lowlevel.ParkingLot()
-
-    def put(self, frame: bytes) -> bool:
-        """Send or queue ``frame``; False (and the queue closes) if it does not fit."""
-        if self._closed:
-            return not self.overflowed
-        if not self._busy and not self._chunks and self.send_nowait is not None:
-            try:
-                sent = self.send_nowait(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0  # the writer will meet the error and end the connection
-            if sent == len(frame):
-                return True
-            frame = frame[sent:]
-        if self._size + self._inflight + len(frame) > self.limit:
-            self.overflowed = True
-            self._chunks.clear()
-            self._size = 0
-            self.close()
-            return False
-        self._chunks.append(frame)
-        self._size += len(frame)
-        self._lot.unpark_all()
-        return True
-
-    def close(self) -> None:
-        self._closed = True
-        self._lot.unpark_all()
-
-    async def get(self) -> bytes | None:
-        """Everything queued, joined; None once closed and drained.
-
-        Calling it again means the previous data was sent in full.
-        """
-        self._busy, self._inflight = False, 0
-        while not self._chunks:
-            if self._closed:
-                return None
-            await self._lot.park()
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._size = 0
-        self._busy, self._inflight = True, len(data)
-        return data
+    STARTING = "starting"  # registered, the agent being spawned
+    RUNNING = "running"  # input, resize, join, kill are acted on
+    KILLING = "killing"  # FORCE_KILL under way; still running until the agent ends
+    ENDING = "ending"  # the agent has ended: nothing more is acted on
+    ENDED = "ended"  # clients told, resources given back, out of the registry
 
 
 _client_ids = itertools.count(1)
@@ -123,30 +60,30 @@ _client_ids = itertools.count(1)
 
 @attrs.define(eq=False)
 class Attachment:
-    """One client connection attached to a session."""
+    """One client attached to a session: who, in which role, and its outbox."""
 
     identity: Identity
     standing: Standing
     role: m.Role
-    queue: ClientQueue
-    client_id: int = attrs.field(factory=lambda: next(_client_ids))
-    #: the connection's cancel scope, so the session can cut a client off
-    scope: trio.CancelScope | None = None
+    outbox: Outbox
+    audit: BoundAudit  # bound to this client: user, uid, role, session, client id
+    client_id: int
 
     def info(self) -> m.ClientInfo:
         return m.ClientInfo(self.client_id, self.identity.user, self.identity.uid, self.role)
 
     def send(self, message: m.ServerMessage) -> bool:
-        return self.queue.put(codec.encode(message))
-
-    def cut_off(self, grace: float) -> None:
-        """Close the queue and give the connection ``grace`` seconds to flush."""
-        self.queue.close()
-        if self.scope is not None:
-            self.scope.deadline = min(self.scope.deadline, trio.current_time() + grace)
+        return self.outbox.put(codec.encode(message))
 
 
 class Session:
+    # from the agent's start on (state RUNNING and later); see run()
+    asys: asys.SessionScope
+    _agent: Agent
+    _pty: PtyMaster
+    _input: PtyInput
+    _nursery: trio.Nursery
+
     def __init__(
         self,
         session_id: str,
@@ -158,6 +95,7 @@ class Session:
         cols: int,
         config: Config,
         audit: AuditLog,
+        spawner: Spawner,
         on_end: Callable[[Session], None],
     ) -> None:
         self.id = session_id
@@ -166,59 +104,73 @@ class Session:
         self.shared = shared
         self.rows, self.cols = rows, cols
         self.config = config
-        self.audit = audit
         self.created_at = time.time()
+        self.state = SessionState.STARTING
         self.clients: dict[int, Attachment] = {}
-        self.alive = False
-        self.ended = trio.Event()
         self.exit_status: m.Exited | None = None
+        self.killed_by: str | None = None
+        self.scrollback = Scrollback(config.scrollback_bytes)
+        self._audit = audit.bind(session_id=session_id)
+        self._spawner = spawner
         self._on_end = on_end
-        self._agent: Agent | None = None
-        self._pty: trio.lowlevel.FdStream | None = None
-        self._cgroup: Path | None = None
-        self._scrollback = bytearray()
-        self._input_send, self._input_recv = trio.open_memory_channel[
-            tuple[Attachment, bytes, bool]
-        ](32)
-        self._input_pending = 0  # items handed to the writer and not yet written
-        self._reader_done = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._killing = False
-        self._last_input_byte = b"\n"
+        self._ended = trio.Event()
+
+    @property
+    def alive(self) -> bool:
+        """True while requests are acted on: from the agent's start to its end."""
+        return self.state in (SessionState.RUNNING, SessionState.KILLING)
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
 
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(
         self,
         plan: SpawnPlan,
+        creator: tuple[Standing, Outbox],
         *,
-        creator_standing: Standing,
-        send_nowait: Callable[[bytes], int] | None = None,
         task_status: trio.TaskStatus[Attachment] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Spawn the agent, attach its creator, then serve it until it exits.
+        """Spawn the agent, attach its creator, then serve until the agent exits.
 
         The creator is attached before anything can end the session, so even an
         agent that dies at once reports its exit to the one who started it. A
-        spawn failure is raised to the caller of ``nursery.start``; nothing is
-        left behind.
+        spawn failure is raised to the caller of ``nursery.start``.
         """
-        self._cgroup = Path(plan.cgroup) if plan.cgroup else None
-        try:
-            agent = await spawn(plan, rows=self.rows, cols=self.cols)
-        except BaseException:
-            if self._cgroup is not None:
-                await reaper.remove_cgroup(self._cgroup)
-            raise
+        agent = await self._spawner.start(plan, rows=self.rows, cols=self.cols)
         self._agent = agent
-        self.asys = asys.session_scope(self.id, plan.uid, agent.process.pid, self._cgroup)
-        self._pty = trio.lowlevel.FdStream(agent.master_fd)
-        self.alive = True
-        self.audit.write(
+        self._pty = PtyMaster(agent.master_fd)
+        self._input = PtyInput(self._pty)
+        self.asys = asys.session_scope(self.id, plan.uid, agent.pid, agent.cgroup)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.state = SessionState.RUNNING
+                self._audit_start(agent)
+                task_status.started(self.attach(self.creator, *creator, None, created=True))
+                reader = PtyReader(self._pty, self._read_size(), self.publish)
+                nursery.start_soon(reader.run)
+                nursery.start_soon(self._input.run)
+                await agent.process.wait()
+                self.state = SessionState.ENDING
+                await self._end_processes(agent)
+                with trio.move_on_after(OUTPUT_DRAIN):
+                    await reader.done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish(agent)
+
+    def _read_size(self) -> int:
+        return max(4096, min(READ_SIZE, self.config.client_queue_bytes // 4))
+
+    def _audit_start(self, agent: Agent) -> None:
+        plan = agent.plan
+        self._audit.write(
             "session_start",
             user=self.creator.user,
             uid=self.creator.uid,
-            session_id=self.id,
             content=f"Agent PID {agent.pid}",
             metadata={
                 "argv": list(plan.argv),
@@ -231,337 +183,198 @@ class Session:
                 "shared": self.shared,
                 "rows": self.rows,
                 "cols": self.cols,
-                "cgroup": plan.cgroup,
+                "cgroup": str(agent.cgroup) if agent.cgroup else None,
             },
         )
-        task_status.started(
-            self.attach(self.creator, creator_standing, None, created=True, send_nowait=send_nowait)
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._read_pty)
-                nursery.start_soon(self._write_pty)
-                await agent.process.wait()
-                self.alive = False
-                # resume what ASys stopped, lift isolation, then end what is left
-                await self.asys.close()
-                # whatever the agent left behind in its tty session or cgroup ends with it
-                await reaper.terminate(agent.process.pid, self._cgroup, self.config.kill_grace)
-                with trio.move_on_after(1):
-                    await self._reader_done.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self.alive = False
-            with trio.CancelScope(shield=True):
-                await self.asys.close()
-                if agent.process.returncode is None:  # cancelled (shutdown): no orphans
-                    await reaper.terminate(agent.process.pid, self._cgroup, self.config.kill_grace)
-                    with trio.move_on_after(1):
-                        await agent.process.wait()
-                await self._finish(agent.process.returncode)
-                await close_pam_session(plan)
 
-    async def _finish(self, returncode: int | None) -> None:
-        if returncode is None:
-            code, sig = None, None
-        elif returncode < 0:
-            code, sig = None, -returncode
+    async def _end_processes(self, agent: Agent) -> None:
+        """Resume what ASys stopped, lift isolation, end whatever the agent left behind."""
+        await self.asys.close()
+        await reaper.terminate(agent.pid, agent.cgroup, self.config.kill_grace)
+
+    async def _finish(self, agent: Agent) -> None:
+        """Tell everyone how the agent ended, hang up, give everything back."""
+        self.state = SessionState.ENDING
+        if agent.process.returncode is None:  # cancelled (shutdown): no orphans
+            await self._end_processes(agent)
+            with trio.move_on_after(REAP_WAIT):
+                await agent.process.wait()
         else:
-            code, sig = returncode, None
-        self.exit_status = m.Exited(code=code, signal=sig)
-        self.audit.write(
+            await self.asys.close()
+        self.exit_status = _exit_status(agent.process.returncode)
+        code, sig = self.exit_status.code, self.exit_status.signal
+        self._audit.write(
             "session_end",
-            session_id=self.id,
             user=self.creator.user,
             uid=self.creator.uid,
             content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
-            metadata={"exit_code": code, "signal": sig, "force_killed": self._killing},
+            metadata={"exit_code": code, "signal": sig, "force_killed": self.killed_by is not None},
         )
         frame = codec.encode(self.exit_status)
-        for att in list(self.clients.values()):
-            att.queue.put(frame)
-            att.cut_off(self.config.shutdown_grace)
+        for att in self.clients.values():
+            att.outbox.put(frame)
+            att.outbox.close(flush_grace=self.config.shutdown_grace)
         self.clients.clear()
-        self._input_send.close()
-        if self._pty is not None:
-            await self._pty.aclose()
-        if self._cgroup is not None:
-            await reaper.remove_cgroup(self._cgroup)
+        self._input.close()
+        await self._pty.aclose()
+        await self._spawner.release(agent)
+        self.state = SessionState.ENDED
         self._on_end(self)
-        self.ended.set()
+        self._ended.set()
 
-    # --- the PTY ------------------------------------------------------------------------
+    # --- output ------------------------------------------------------------------------
 
-    async def _read_pty(self) -> None:
-        """The single PTY reader: drain what is there, publish it as one chunk.
-
-        Reading until EAGAIN (up to _READ_SIZE) before publishing turns a burst
-        of small tty reads into one audit record, one frame and one wake-up per
-        client, which is what keeps the fan-out cheap under heavy output.
-        """
-        assert self._agent is not None
-        fd = self._agent.master_fd  # non-blocking: the FdStream set it
-        limit = max(4096, min(_READ_SIZE, self.config.client_queue_bytes // 4))
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(fd)
-                chunks, size, eof = [], 0, False
-                while size < limit:
-                    try:
-                        data = os.read(fd, limit - size)
-                    except BlockingIOError:
-                        break
-                    except OSError:  # EIO: every slave fd is closed
-                        eof = True
-                        break
-                    if not data:
-                        eof = True
-                        break
-                    chunks.append(data)
-                    size += len(data)
-                if chunks:
-                    self._publish(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-                if eof:
-                    return
-        except trio.ClosedResourceError:
-            pass
-        finally:
-            self._reader_done.set()
-
-    def _publish(self, data: bytes) -> None:
-        """Fan a chunk out to every client, then record it (no await in between)."""
+    def publish(self, data: bytes) -> None:
+        """Fan a chunk out to every client, then record and keep it (no await between)."""
         frame = data_frame(data)
         for att in list(self.clients.values()):
-            if not att.queue.put(frame):
+            if not att.outbox.put(frame):
                 self._evict(att)
-        # output is recorded right after it is handed on, off the echo's critical path;
-        # input, which has an effect, is recorded before it is written
+        # recorded right after it is handed on, off the echo's critical path; input,
+        # which has an effect, is recorded before it is written
         if self.config.record_output:
-            self.audit.write_bytes("output", data, source="agent", session_id=self.id)
-        sb = self._scrollback
-        sb += data
-        limit = self.config.scrollback_bytes
-        if len(sb) > 2 * limit:
-            del sb[: len(sb) - limit]
+            self._audit.write_bytes("output", data, source="agent")
+        self.scrollback.append(data)
 
-    def scrollback(self) -> bytes:
-        """The recent output, starting at a line boundary where it was trimmed."""
-        limit = self.config.scrollback_bytes
-        data = bytes(self._scrollback[-limit:])
-        if len(self._scrollback) > limit:
-            cut = data.find(b"\n")
-            if cut >= 0:
-                data = data[cut + 1 :]
-        return data
+    def broadcast(self, message: m.ServerMessage) -> None:
+        frame = codec.encode(message)
+        for att in list(self.clients.values()):
+            if not att.outbox.put(frame):
+                self._evict(att)
 
-    async def _write_pty(self) -> None:
-        """The PTY writer: input that could not be written at once, in arrival order."""
-        assert self._pty is not None
-        async for att, data, audited in self._input_recv:
-            if not audited:
-                who = self._who(att)
-                if data:
-                    self.audit.write_bytes("input", data, source="human", **who)
-                else:
-                    data = self._eof_bytes()
-                    self.audit.write("input_eof", source="human", **who)
-            try:
-                await self._pty.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            finally:
-                self._input_pending -= 1
-            self._last_input_byte = data[-1:]
-
-    def _eof_bytes(self) -> bytes:
-        """What makes the agent's terminal report end of input (VEOF, twice mid-line)."""
-        assert self._agent is not None
-        try:
-            veof = termios.tcgetattr(self._agent.master_fd)[6][termios.VEOF]
-        except termios.error:
-            veof = b"\x04"
-        if isinstance(veof, int):
-            veof = bytes([veof])
-        assert isinstance(veof, bytes)
-        return veof if self._last_input_byte in (b"\n", b"\r") else veof * 2
-
-    # --- clients ----------------------------------------------------------------------------
-
-    def _who(self, att: Attachment, **metadata: Any) -> dict[str, Any]:
-        """The audit fields naming a client, plus ``metadata``."""
-        return {
-            "user": att.identity.user,
-            "uid": att.identity.uid,
-            "role": att.role,
-            "session_id": self.id,
-            "metadata": {"client_id": att.client_id, **metadata},
-        }
+    # --- membership -------------------------------------------------------------------
 
     def attach(
         self,
         identity: Identity,
         standing: Standing,
+        outbox: Outbox,
         requested: m.Role | None,
         *,
         created: bool,
-        send_nowait: Callable[[bytes], int] | None = None,
     ) -> Attachment:
-        """Add a client: Welcome, then the scrollback, then live output."""
+        """Add a client: welcome, then the scrollback, then live output."""
         if not self.alive:
-            raise SessionError(m.ErrorCode.UNKNOWN_SESSION, f"session {self.id} has ended")
+            raise RequestError(f"session {self.id} has ended", code=ErrorCode.UNKNOWN_SESSION)
         if len(self.clients) >= self.config.clients_per_session:
-            raise SessionError(
-                m.ErrorCode.LIMIT,
+            raise RequestError(
                 f"session {self.id} already has {len(self.clients)} clients "
                 f"(limit {self.config.clients_per_session})",
+                code=ErrorCode.LIMIT,
             )
         allowed = policy.max_role(
             standing, identity.uid, creator_uid=self.creator.uid, shared=self.shared
         )
         role = policy.grant(allowed, requested)
-        queue = ClientQueue(self.config.client_queue_bytes, send_nowait)
-        att = Attachment(identity, standing, role, queue)
-        self.audit.write(
+        client_id = next(_client_ids)
+        audit = self._bind(identity, role, client_id)
+        att = Attachment(identity, standing, role, outbox, audit, client_id)
+        audit.write(
             "join",
-            source="human",
-            **self._who(
-                att,
-                created=created,
-                requested_role=requested.value if requested else None,
-                peer_pid=identity.pid,
-            ),
+            metadata={
+                "created": created,
+                "requested_role": requested.value if requested else None,
+                "peer_pid": identity.pid,
+            },
         )
         att.send(
-            m.Welcome(
-                version=m.PROTOCOL_VERSION,
-                session_id=self.id,
-                role=role,
-                created=created,
-                rows=self.rows,
-                cols=self.cols,
-                client_id=att.client_id,
-            )
+            m.Welcome(m.PROTOCOL_VERSION, self.id, role, created, self.rows, self.cols, client_id)
         )
-        history = self.scrollback()
-        if history:
-            att.queue.put(data_frame(history))
-        self._broadcast(m.Joined(att.info()))
-        self.clients[att.client_id] = att
-        if not created:
-            self._redraw()
+        if history := self.scrollback.snapshot():
+            outbox.put(data_frame(history))
+        self.broadcast(m.Joined(att.info()))
+        self.clients[client_id] = att
+        if not created:  # a full-screen program repaints for the newcomer
+            self._pty.signal_foreground(signal.SIGWINCH)
         return att
 
+    def _bind(self, identity: Identity, role: m.Role, client_id: int) -> BoundAudit:
+        return self._audit.bind(
+            source="human", user=identity.user, uid=identity.uid, role=role, client_id=client_id
+        )
+
     def detach(self, att: Attachment, reason: str) -> None:
-        if self.clients.pop(att.client_id, None) is None:
-            return
-        self.audit.write("leave", source="human", content=reason, **self._who(att))
-        self._broadcast(m.Left(att.info()))
+        """The client left (or its connection ended); the outbox is the connection's."""
+        if self.clients.pop(att.client_id, None) is not None:
+            att.audit.write("leave", content=reason)
+            self.broadcast(m.Left(att.info()))
 
     def _evict(self, att: Attachment) -> None:
-        self.clients.pop(att.client_id, None)
-        self.audit.write(
-            "client_evicted",
-            content=f"client fell more than {self.config.client_queue_bytes} bytes behind",
-            **self._who(att),
-        )
-        att.cut_off(1.0)
-        self._broadcast(m.Left(att.info()))
+        """Its outbox overflowed (the connection says ``too-slow``): out it goes."""
+        if self.clients.pop(att.client_id, None) is not None:
+            att.audit.write(
+                "client_evicted",
+                source="system",
+                content=f"client fell more than {self.config.client_queue_bytes} bytes behind",
+            )
+            self.broadcast(m.Left(att.info()))
 
     def revoke(self, att: Attachment, reason: str) -> None:
-        """Disconnect a client whose right to be here is gone."""
-        self.clients.pop(att.client_id, None)
-        self.audit.write("client_revoked", content=reason, **self._who(att))
-        att.send(m.Error(m.ErrorCode.REVOKED, reason))
-        att.cut_off(1.0)
-        self._broadcast(m.Left(att.info()))
+        """Hang up on a client whose right to be here is gone."""
+        if self.clients.pop(att.client_id, None) is not None:
+            att.audit.write("client_revoked", source="system", content=reason)
+            att.send(m.Error(ErrorCode.REVOKED, reason))
+            att.outbox.close()
+            self.broadcast(m.Left(att.info()))
 
-    def _broadcast(self, message: m.ServerMessage) -> None:
-        frame = codec.encode(message)
-        for att in list(self.clients.values()):
-            if not att.queue.put(frame):
-                self._evict(att)
+    def change_role(self, att: Attachment, identity: Identity, standing: Standing) -> None:
+        """After a reload: the client's standing now; a role it may no longer hold is lowered."""
+        allowed = policy.max_role(
+            standing, identity.uid, creator_uid=self.creator.uid, shared=self.shared
+        )
+        att.identity, att.standing = identity, standing
+        if att.role.rank > allowed.rank:
+            previous, att.role = att.role, allowed
+            att.audit = self._bind(identity, allowed, att.client_id)
+            att.audit.write(
+                "role_changed", source="system", content=f"{previous.value} -> {allowed.value}"
+            )
+            att.send(m.RoleChanged(allowed, "group membership changed"))
 
-    def _redraw(self) -> None:
-        """SIGWINCH to the foreground process group, so a full-screen program repaints."""
-        assert self._agent is not None
-        if not self.alive:  # the master fd may be closed, its number reused
-            return
-        with contextlib.suppress(OSError):
-            os.killpg(os.tcgetpgrp(self._agent.master_fd), signal.SIGWINCH)
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: limits apply from now on."""
+        self.config = config
+        self.scrollback.limit = config.scrollback_bytes
 
-    # --- requests from attached clients -----------------------------------------------------
+    # --- requests ---------------------------------------------------------------------
 
-    async def send_input(self, att: Attachment, data: bytes) -> None:
-        """Write or queue input (b"" for end of input); waits while the agent is not reading.
+    async def input(self, att: Attachment, data: bytes) -> None:
+        """Typed bytes from ``att`` (checked by the caller); may wait for the agent."""
+        if self.alive:
+            await self._input.send(att.audit, data)
 
-        Fast path: with nothing queued before it, input is audited and written
-        to the PTY at once, without waking the writer task (a keystroke's
-        latency); whatever the PTY does not take goes to the writer, in order.
-        """
-        audited = False
-        if data and not self._input_pending and self.alive and self._agent is not None:
-            self.audit.write_bytes("input", data, source="human", **self._who(att))
-            audited = True
-            try:
-                written = os.write(self._agent.master_fd, data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # the agent's terminal is gone; the session is ending
-            if written:
-                self._last_input_byte = data[written - 1 : written]
-            data = data[written:]
-            if not data:
-                await trio.lowlevel.checkpoint()
-                return
-        self._input_pending += 1
-        try:
-            await self._input_send.send((att, data, audited))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._input_pending -= 1
+    async def input_eof(self, att: Attachment) -> None:
+        if self.alive:
+            await self._input.send_eof(att.audit)
 
     def resize(self, att: Attachment, rows: int, cols: int) -> None:
-        """Set the PTY size (ignored once the agent has ended: its fd may be gone)."""
-        assert self._agent is not None
         if not self.alive:
             return
-        self.audit.write(
+        att.audit.write(
             "resize",
-            source="human",
             content=f"{rows}x{cols}",
-            **self._who(att, rows=rows, cols=cols, previous=f"{self.rows}x{self.cols}"),
+            metadata={"rows": rows, "cols": cols, "previous": f"{self.rows}x{self.cols}"},
         )
-        set_winsize(self._agent.master_fd, rows, cols)
+        self._pty.resize(rows, cols)
         self.rows, self.cols = rows, cols
 
-    def force_kill(self, actor: Identity, role: m.Role | None) -> None:
+    def force_kill(self, audit: BoundAudit) -> None:
+        """FORCE_KILL by whoever ``audit`` is bound to (the caller checked the right)."""
+        record = audit.write("force_kill", source="human", content="FORCE_KILL")
+        self.kill_all(record.user)
+
+    def kill_all(self, by: str) -> None:
         """End every process of the session: SIGHUP/SIGTERM, a grace, then SIGKILL."""
-        self.audit.write(
-            "force_kill",
-            source="human",
-            user=actor.user,
-            uid=actor.uid,
-            role=role,
-            session_id=self.id,
-            content="FORCE_KILL",
-            metadata={"peer_pid": actor.pid},
-        )
-        self.kill_all()
-
-    def kill_all(self) -> None:
-        if self._killing or not self.alive or self._nursery is None or self._agent is None:
+        if self.state is not SessionState.RUNNING:
             return
-        self._killing = True
+        self.state = SessionState.KILLING
+        self.killed_by = by
         self._nursery.start_soon(
-            reaper.terminate, self._agent.process.pid, self._cgroup, self.config.kill_grace
+            reaper.terminate, self._agent.pid, self._agent.cgroup, self.config.kill_grace
         )
-
-    def notify_all(self, message: m.ServerMessage) -> None:
-        self._broadcast(message)
 
     def info(self) -> m.SessionInfo:
-        agent = self._agent
+        agent = getattr(self, "_agent", None)
         return m.SessionInfo(
             session_id=self.id,
             creator=self.creator.user,
@@ -575,3 +388,11 @@ class Session:
             shared=self.shared,
             clients=tuple(att.info() for att in self.clients.values()),
         )
+
+
+def _exit_status(returncode: int | None) -> m.Exited:
+    if returncode is None:
+        return m.Exited(code=None, signal=None)
+    if returncode < 0:
+        return m.Exited(code=None, signal=-returncode)
+    return m.Exited(code=returncode, signal=None)

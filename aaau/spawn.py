@@ -1,29 +1,32 @@
 """Starting the agent on a fresh PTY under its own user.
 
 :func:`plan` is pure: it turns a request and the agent's passwd entry into a
-:class:`SpawnPlan` (argv, clean environment, ids, cwd). :func:`spawn` opens
-the PTY, hands the slave to the agent user, and starts :mod:`aaau._launch`
-through :func:`trio.lowlevel.open_process` with an empty environment and
-every other fd closed; the privilege drop, PAM session and exec happen there.
+:class:`SpawnPlan` (argv, clean environment, ids, cwd). :class:`Launcher`
+(the server's :class:`Spawner`) makes the session's cgroup, opens the PTY,
+hands the slave to the agent user, and starts :mod:`aaau._launch` through
+:func:`trio.lowlevel.open_process` with an empty environment and every other
+fd closed; the privilege drop, PAM session and exec happen there. When the
+agent has ended, :meth:`Launcher.release` closes its PAM session and removes
+its cgroup.
 """
 
 from __future__ import annotations
 
-import fcntl
 import grp
 import json
 import os
 import pwd
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import trio
 
+from . import reaper
 from .config import Config
+from .pty import set_winsize
 
 #: Variables a client's ``-e`` may not override: they say who the agent is.
 PROTECTED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "AAAU_SESSION_ID"})
@@ -58,6 +61,36 @@ class Agent:
     master_fd: int
     pty: str
     pid: int
+    plan: SpawnPlan
+    cgroup: Path | None = None
+
+
+class Spawner(Protocol):
+    """How a session starts its agent and gives back what the agent held."""
+
+    async def start(self, plan: SpawnPlan, *, rows: int, cols: int) -> Agent: ...
+
+    async def release(self, agent: Agent) -> None: ...
+
+
+class Launcher:
+    """The server's spawner: a cgroup per session, the launcher, PAM."""
+
+    async def start(self, plan: SpawnPlan, *, rows: int, cols: int) -> Agent:
+        cgroup = reaper.make_session_cgroup(plan.env["AAAU_SESSION_ID"])
+        plan = attrs.evolve(plan, cgroup=str(cgroup) if cgroup is not None else None)
+        try:
+            return attrs.evolve(await spawn(plan, rows=rows, cols=cols), cgroup=cgroup)
+        except BaseException:
+            if cgroup is not None:
+                with trio.CancelScope(shield=True):
+                    await reaper.remove_cgroup(cgroup)
+            raise
+
+    async def release(self, agent: Agent) -> None:
+        if agent.cgroup is not None:
+            await reaper.remove_cgroup(agent.cgroup)
+        await close_pam_session(agent.plan)
 
 
 def plan(
@@ -69,7 +102,6 @@ def plan(
     term: str,
     cwd: str | None,
     extra_env: dict[str, str],
-    cgroup: Path | None = None,
 ) -> SpawnPlan:
     """What to run and how, built from scratch: nothing of the server's environment."""
     if agent.pw_uid == 0 or agent.pw_gid == 0:
@@ -104,12 +136,7 @@ def plan(
         cwd=cwd or agent.pw_dir,
         env=env,
         pam_service=config.pam_service,
-        cgroup=str(cgroup) if cgroup is not None else None,
     )
-
-
-def set_winsize(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def _tty_gid() -> int:
@@ -189,7 +216,7 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
             process.kill()
         os.close(master)
         raise SpawnError(error)
-    return Agent(process=process, master_fd=master, pty=pty, pid=process.pid)
+    return Agent(process=process, master_fd=master, pty=pty, pid=process.pid, plan=p)
 
 
 async def close_pam_session(p: SpawnPlan) -> None:

@@ -27,7 +27,8 @@ import trio.lowlevel
 
 from aaau import codec
 from aaau import messages as m
-from aaau.protocol import FrameDecoder, Kind, data_frame
+from aaau.framing import FramedStream
+from aaau.protocol import Kind, data_frame
 
 PY = sys.executable
 AGENT, GROUP, ADMIN_GROUP = "aaub-agent", "aaub-users", "aaub-admins"
@@ -366,8 +367,7 @@ class Client:
     """A minimal aaau client for measuring: counts DATA bytes, notes Exited."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder(1 << 26)
+        self.framed = FramedStream(stream, 1 << 26, receive_size=1 << 18)
         self.reader = Reader()
         self.welcome: m.Welcome | None = None
         self.exited: m.Exited | None = None
@@ -376,7 +376,7 @@ class Client:
     @classmethod
     async def connect(cls, server: AaauServer, hello: m.ClientMessage) -> Client:
         client = cls(await trio.open_unix_socket(str(server.sock)))
-        await client.stream.send_all(codec.encode(hello))
+        await client.framed.send(hello)
         while client.welcome is None:
             await client.pump()
             if client.error is not None:
@@ -384,23 +384,21 @@ class Client:
         return client
 
     async def pump(self) -> bool:
-        data = await self.stream.receive_some(1 << 18)
-        if not data:
+        frame = await self.framed.next_frame()
+        if frame is None:
             self.reader.done_at = self.reader.done_at or time.perf_counter()
             return False
-        self.decoder.receive_data(data)
-        for frame in self.decoder.frames():
-            if frame.kind is Kind.DATA:
-                self.reader.take(frame.payload)
-                continue
-            msg = codec.decode_server(frame.payload)
-            if isinstance(msg, m.Welcome):
-                self.welcome = msg
-            elif isinstance(msg, m.Exited):
-                self.exited = msg
-                self.reader.done_at = time.perf_counter()
-            elif isinstance(msg, m.Error):
-                self.error = msg
+        if frame.kind is Kind.DATA:
+            self.reader.take(frame.payload)
+            return True
+        msg = codec.decode_server(frame.payload)
+        if isinstance(msg, m.Welcome):
+            self.welcome = msg
+        elif isinstance(msg, m.Exited):
+            self.exited = msg
+            self.reader.done_at = time.perf_counter()
+        elif isinstance(msg, m.Error):
+            self.error = msg
         return True
 
     async def drain(self) -> None:
@@ -408,10 +406,10 @@ class Client:
             pass
 
     async def type(self, data: bytes) -> None:
-        await self.stream.send_all(data_frame(data))
+        await self.framed.send_frame(data_frame(data))
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        await self.framed.aclose()
 
 
 def create(argv: list[str]) -> m.Create:

@@ -17,7 +17,7 @@ import trio
 
 from aaau import messages as m
 
-from .conftest import (
+from .helpers import (
     ADA,
     AGENT,
     ALICE,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import root
+from .helpers import root
 
 pytestmark = root
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"

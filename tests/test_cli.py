@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from .conftest import (
+from .helpers import (
     ADMIN_GROUP,
     AGENT,
     ALICE,

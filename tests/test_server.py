@@ -18,7 +18,7 @@ from aaau import messages as m
 from aaau.audit import decode_content
 from aaau.protocol import Kind, encode_frame
 
-from .conftest import (
+from .helpers import (
     ADA,
     ADMIN_GROUP,
     AGENT,

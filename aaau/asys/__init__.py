@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from .. import codec
+from .. import messages as m
 from ..audit import AuditLog
 from ..config import Config
 from ..messages import Role
@@ -32,6 +33,7 @@ __all__ = [
     "Instruction",
     "ServerScope",
     "SessionScope",
+    "call",
     "dispatch",
     "session_scope",
 ]
@@ -101,7 +103,24 @@ def allowed_instructions(ctx: Context) -> list[str]:
     ]
 
 
-async def dispatch(name: str, args: dict[str, Any], ctx: Context) -> tuple[str, Any, str]:
+async def call(ctx: Context, msg: m.AsysCall | m.AsysRequest) -> m.AsysResult:
+    """One instruction for a caller: recorded before it runs and after, with its answer."""
+    audit = ctx.bind_audit()
+    audit.write(
+        "asys_request",
+        content=msg.instruction,
+        metadata={"request_id": msg.request_id, "args": msg.args},
+    )
+    sw, result, message = await dispatch(msg.instruction, msg.args, ctx)
+    audit.write(
+        "asys_result",
+        content=f"{msg.instruction} {sw}",
+        metadata={"request_id": msg.request_id, "sw": sw, "message": message, "result": result},
+    )
+    return m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, result, message)
+
+
+async def dispatch(name: str, args: dict[str, Any], ctx: Context) -> tuple[SW, Any, str]:
     """Run one instruction: (status word, result or None, message)."""
     instr = TABLE.get(name)
     if instr is None:

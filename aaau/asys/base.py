@@ -13,39 +13,17 @@ from typing import Any
 
 import attrs
 
-from ..messages import Role
+from ..audit import AuditLog, BoundAudit
+from ..messages import Role, StatusWord
 
-
-class SW:
-    """ASys status words, as strings, with the names clients see in ``status``."""
-
-    OK = "9000"
-    BLOCKED = "6400"  # transient: back off (quota)
-    WRONG_LENGTH = "6700"  # missing, extra or mistyped arguments
-    DENIED = "6982"  # identity fine, operation refused: do not retry
-    WRONG_DATA = "6A80"  # an argument's value is refused: do not retry it
-    NOT_FOUND = "6A81"  # no such instruction (for this caller, here)
-    NOT_SUPPORTED = "6D00"  # this machine cannot do it; never simulated
-    SYSTEM_ERROR = "6F00"
-    OUT_OF_MEMORY = "6F01"
-
-    NAMES = {
-        "9000": "ok",
-        "6400": "blocked",
-        "6700": "wrong_length",
-        "6982": "access_denied",
-        "6A80": "wrong_data",
-        "6A81": "not_found",
-        "6D00": "not_supported",
-        "6F00": "system_error",
-        "6F01": "out_of_memory",
-    }
+#: the status words (an enum of the protocol's vocabulary), under ASys's short name
+SW = StatusWord
 
 
 class AsysError(Exception):
     """A handler's refusal: the status word and a message for the caller."""
 
-    def __init__(self, sw: str, message: str) -> None:
+    def __init__(self, sw: StatusWord, message: str) -> None:
         super().__init__(message)
         self.sw = sw
 
@@ -83,6 +61,17 @@ class Context:
     groups: frozenset[int]
     server: Any  # aaau.asys.ServerScope; Any to keep the import graph one-way
     session: SessionScope | None = None
+
+    def bind_audit(self) -> BoundAudit:
+        """The audit log with this caller filled in."""
+        audit: AuditLog = self.server.audit
+        return audit.bind(
+            source="human",
+            user=self.user,
+            uid=self.uid,
+            role=self.role,
+            session_id=self.session.session_id if self.session else None,
+        )
 
 
 Handler = Callable[[Context, Any], Awaitable[dict[str, Any]]]

@@ -9,6 +9,7 @@ for a handle that never existed.
 
 from __future__ import annotations
 
+import enum
 import re
 import secrets
 import shutil
@@ -25,11 +26,19 @@ _SERVICE = re.compile(r"[a-z0-9_][a-z0-9_.@-]{0,63}")
 _TASKS = "tasks"
 
 
+class TaskState(enum.StrEnum):
+    PENDING = "pending"
+    SUCCESS = "success"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    UNKNOWN = "unknown"  # no such handle (never issued, or expired)
+
+
 @attrs.define(eq=False)
 class Task:
     handle: str
     service: str
-    state: str = "pending"  # pending, success, failed, timeout
+    state: TaskState = TaskState.PENDING
     exit_code: int | None = None
     stderr: str = ""
     started_ns: int = attrs.field(factory=time.time_ns)
@@ -93,17 +102,14 @@ async def _run(ctx: Context, task: Task, argv: list[str]) -> None:
     task.finished_ns = time.time_ns()
     task.finished_at = trio.current_time()
     if timer.cancelled_caught:
-        task.state = "timeout"
+        task.state = TaskState.TIMEOUT
     else:
         task.exit_code = result.returncode
-        task.state = "success" if result.returncode == 0 else "failed"
+        task.state = TaskState.SUCCESS if result.returncode == 0 else TaskState.FAILED
         task.stderr = result.stderr.decode("utf-8", "replace")[-500:]
-    ctx.server.audit.write(
+    ctx.bind_audit().write(
         "asys_task_done",
-        user=ctx.user,
-        uid=ctx.uid,
-        role=ctx.role,
-        session_id=ctx.session.session_id if ctx.session else None,
+        source="system",
         content=f"SVC_RESTART {task.service}: {task.state}",
         metadata={"handle": task.handle, "exit_code": task.exit_code, "argv": argv},
     )
@@ -123,7 +129,7 @@ async def svc_restart(ctx: Context, args: ServiceArgs) -> dict[str, Any]:
     tasks = book(scope)
     sweep(tasks, config.task_ttl)
     for task in tasks.values():
-        if task.service == args.service and task.state == "pending":
+        if task.service == args.service and task.state is TaskState.PENDING:
             return {**task.view(), "deduplicated": True}
     if len(tasks) >= config.task_quota:
         raise AsysError(
@@ -154,7 +160,7 @@ async def task_query(ctx: Context, args: HandleArgs) -> dict[str, Any]:
     sweep(tasks, ctx.server.config.task_ttl)
     task = tasks.get(args.handle)
     if task is None:
-        return {"handle": args.handle, "state": "unknown"}
+        return {"handle": args.handle, "state": TaskState.UNKNOWN}
     return task.view()
 
 

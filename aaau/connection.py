@@ -1,0 +1,224 @@
+"""One client connection, from admission to hang-up.
+
+:class:`Connection` owns its stream: it identifies the peer (SO_PEERCRED and
+the user database, through the :class:`Hub`), takes the hello
+(:func:`aaau.codec.decode_hello`), answers one-shot requests (list, status,
+kill, ASys outside a session), or attaches the client to a session and then
+runs two loops in its own nursery:
+
+- the read loop: frames -> :class:`aaau.requests.Requests` -> the session;
+- the write loop: the client's :class:`aaau.outbox.Outbox` -> the socket.
+
+The session puts frames into the outbox and closes it to hang up (the agent
+ended, the client fell too far behind, its rights were revoked); the write
+loop flushes what is left within the outbox's grace, says ``too-slow`` if it
+overflowed, and ends the connection. Whatever goes wrong ends this connection
+only: the peer is told why, and the audit log records it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+import structlog
+import trio
+
+from . import asys, codec, credentials, policy
+from . import messages as m
+from .audit import AuditLog, BoundAudit
+from .config import Config
+from .errors import ErrorCode, ProtocolError, RequestError
+from .framing import FramedStream
+from .outbox import FLUSH_GRACE, Outbox, socket_writer
+from .policy import Groups, Identity, Refusal, Standing
+from .requests import Detached, Requests
+from .session import Attachment, Session
+from .sessions import Sessions
+
+log = structlog.get_logger("aaau.connection")
+
+#: beyond the kill grace (SIGTERM -> SIGKILL, then SIGKILL -> gone), how long a
+#: one-shot ``kill`` waits for the session to end before answering anyway
+KILL_ANSWER_SLACK: Final = 2.0
+
+PeerOf = Callable[[trio.abc.Stream], tuple[int, int, int]]
+
+
+def socket_peer(stream: trio.abc.Stream) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected ``stream``, from the kernel."""
+    if not isinstance(stream, trio.SocketStream):
+        raise TypeError("SO_PEERCRED needs a socket")
+    return credentials.peer_credentials(stream.socket)  # type: ignore[arg-type]
+
+
+@attrs.define(eq=False)
+class Hub:
+    """What every connection shares; the server replaces ``config`` and ``groups`` on reload."""
+
+    config: Config
+    groups: Groups
+    audit: AuditLog
+    sessions: Sessions
+    asys: asys.ServerScope
+    identify: Callable[[int, int, int], Identity] = credentials.identify
+    peer_of: PeerOf = socket_peer
+
+
+class Connection:
+    def __init__(self, stream: trio.abc.Stream, hub: Hub) -> None:
+        self._hub = hub
+        self._framed = FramedStream(stream, hub.config.max_frame)
+        self._audit: BoundAudit = hub.audit.bind()
+
+    async def serve(self) -> None:
+        """The whole life of the connection; never raises (but Cancelled)."""
+        async with self._framed.stream:
+            try:
+                await self._serve()
+            except (ProtocolError, RequestError) as exc:
+                kind = "protocol_error" if isinstance(exc, ProtocolError) else "request_failed"
+                self._audit.write(kind, content=str(exc), metadata={"code": exc.code})
+                await self._last_word(m.Error(exc.code, str(exc)))
+            except Exception as exc:  # a bug in one connection must not end the server
+                log.exception("connection-failed")
+                self._audit.write("internal_error", content=repr(exc))
+                await self._last_word(m.Error(ErrorCode.INTERNAL, "internal server error (logged)"))
+
+    async def _last_word(self, message: m.ServerMessage) -> None:
+        with trio.move_on_after(FLUSH_GRACE):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._framed.send(message)
+
+    async def _serve(self) -> None:
+        pid, uid, gid = self._hub.peer_of(self._framed.stream)
+        self._audit = self._hub.audit.bind(user=f"#{uid}", uid=uid)
+        peer = {"peer_pid": pid, "peer_gid": gid}
+        try:
+            identity = self._hub.identify(pid, uid, gid)
+        except credentials.UnknownPeer as exc:
+            standing: Standing | Refusal = Refusal(str(exc))
+        else:
+            self._audit = self._hub.audit.bind(user=identity.user, uid=uid)
+            standing = policy.admit(identity, self._hub.groups)
+        if isinstance(standing, Refusal):
+            self._audit.write("connection_refused", content=standing.reason, metadata=peer)
+            await self._last_word(m.Error(ErrorCode.REFUSED, standing.reason))
+            return
+        self._audit.write("connection_accepted", content=standing.value, metadata=peer)
+        hello = await self._receive_hello()
+        if hello is None:
+            return
+        session_id = getattr(hello, "session_id", None)
+        self._audit = self._audit.bind(session_id=session_id)
+        self._audit.write("control", source="human", content=codec.tag_of(type(hello)))
+        await self._answer(hello, identity, standing)
+
+    async def _receive_hello(self) -> m.Hello | None:
+        """The hello, or None if the peer left or said nothing in time (it is told)."""
+        timeout = self._hub.config.handshake_timeout
+        with trio.move_on_after(timeout) as scope:
+            frame = await self._framed.next_frame()
+        if scope.cancelled_caught:
+            self._audit.write("handshake_timeout", content=f"no hello within {timeout} s")
+            await self._last_word(
+                m.Error(ErrorCode.TIMEOUT, f"no handshake within {timeout} seconds")
+            )
+            return None
+        return None if frame is None else codec.decode_hello(frame)
+
+    async def _answer(self, hello: m.Hello, identity: Identity, standing: Standing) -> None:
+        hub = self._hub
+        if isinstance(hello, m.ListSessions):
+            await self._framed.send(m.Sessions(hub.sessions.listing()))
+        elif isinstance(hello, m.QueryStatus):
+            session = hub.sessions.find(hello.session_id)
+            await self._framed.send(m.Status(session.info(), session.alive))
+        elif isinstance(hello, m.Kill):
+            await self._kill(hub.sessions.find(hello.session_id), identity, standing)
+        elif isinstance(hello, m.AsysCall):
+            role = policy.max_role(standing, identity.uid)
+            ctx = asys.Context(role, identity.user, identity.uid, identity.groups, hub.asys)
+            await self._framed.send(await asys.call(ctx, hello))
+        elif isinstance(hello, m.Create):
+            outbox = self._outbox()
+            session, att = await hub.sessions.create(identity, standing, hello, outbox)
+            await self._attached(session, att)
+        else:
+            session = hub.sessions.find(hello.session_id)
+            att = session.attach(identity, standing, self._outbox(), hello.role, created=False)
+            await self._attached(session, att)
+
+    def _outbox(self) -> Outbox:
+        stream = self._framed.stream
+        direct = socket_writer(stream.socket) if isinstance(stream, trio.SocketStream) else None
+        return Outbox(self._hub.config.client_queue_bytes, direct)
+
+    async def _kill(self, session: Session, identity: Identity, standing: Standing) -> None:
+        """FORCE_KILL from outside the session, by the same rule as inside it."""
+        role = policy.max_role(
+            standing, identity.uid, creator_uid=session.creator.uid, shared=session.shared
+        )
+        audit = self._audit.bind(source="human", role=role)
+        if not policy.may_kill(role, identity.uid, creator_uid=session.creator.uid):
+            audit.write("denied", content="force_kill")
+            raise RequestError(
+                "only an admin or the session's creator may kill it", code=ErrorCode.FORBIDDEN
+            )
+        session.force_kill(audit.bind(peer_pid=identity.pid))
+        with trio.move_on_after(3 * session.config.kill_grace + KILL_ANSWER_SLACK):
+            await session.wait_ended()
+        await self._framed.send(m.Done(f"session {session.id} killed"))
+
+    # --- an attached client -------------------------------------------------------------
+
+    async def _attached(self, session: Session, att: Attachment) -> None:
+        """Serve an attached client until it leaves, the session ends or it is cut off."""
+        reason = "connection closed"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop, att.outbox, nursery.cancel_scope)
+            nursery.start_soon(_hang_up_when_closed, att.outbox, nursery.cancel_scope)
+            try:
+                reason = await self._read_loop(Requests(session, att, self._hub.asys, nursery))
+            except ProtocolError as exc:
+                reason = f"protocol error: {exc}"
+                att.audit.write(
+                    "protocol_error", source="system", content=str(exc), metadata={"code": exc.code}
+                )
+                att.send(m.Error(exc.code, str(exc)))
+            finally:
+                # leave at once; the write loop gets the outbox's grace to flush
+                session.detach(att, reason)
+                att.outbox.close()
+
+    async def _read_loop(self, requests: Requests) -> str:
+        while (frame := await self._framed.next_frame()) is not None:
+            try:
+                await requests.dispatch(frame)
+            except Detached:
+                return "detached"
+        return "connection closed"
+
+    async def _write_loop(self, outbox: Outbox, scope: trio.CancelScope) -> None:
+        try:
+            while (data := await outbox.get()) is not None:
+                await self._framed.send_frame(data)
+            if outbox.overflowed:
+                await self._framed.send(
+                    m.Error(
+                        ErrorCode.TOO_SLOW,
+                        f"disconnected: more than {outbox.limit} bytes of output unread",
+                    )
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            scope.cancel()
+
+
+async def _hang_up_when_closed(outbox: Outbox, scope: trio.CancelScope) -> None:
+    """Once the outbox is closed, the connection has its grace to flush, no more."""
+    await outbox.wait_closed()
+    scope.deadline = min(scope.deadline, trio.current_time() + outbox.flush_grace)

@@ -1,0 +1,224 @@
+"""The agent's PTY from the server's side: the master fd, output, input, history.
+
+- :class:`PtyMaster` owns the master fd. Once closed its ``fd`` is -1, so a
+  resize or a signal after the session ended can never act on an fd number
+  the kernel has handed to something else since.
+- :class:`PtyReader` is the single reader: it drains what the PTY has (up to
+  ``limit`` bytes) into one chunk and hands it to a callback, which must not
+  block (the session fans it out to the clients' outboxes).
+- :class:`PtyInput` is the single input path: whole pieces in arrival order,
+  each recorded in the audit log just before it is written; with nothing
+  queued, a piece is written at once by the caller (a keystroke's latency),
+  the rest by the writer task. A full PTY holds back only those who type.
+- :class:`Scrollback` keeps recent output for late joiners.
+
+No sockets, no clients, no framing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import termios
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from .audit import BoundAudit
+
+#: input pieces waiting for the writer; a typist past this waits (backpressure)
+INPUT_QUEUE: Final = 32
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class PtyMaster:
+    """The master side of the agent's terminal."""
+
+    def __init__(self, fd: int) -> None:
+        self._stream = trio.lowlevel.FdStream(fd)  # takes the fd, makes it non-blocking
+
+    @property
+    def fd(self) -> int:
+        """The fd, or -1 once closed."""
+        return self._stream.fileno()
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.fd >= 0:
+            set_winsize(self.fd, rows, cols)
+
+    def signal_foreground(self, signum: int) -> None:
+        """Signal the terminal's foreground process group (a repaint: SIGWINCH)."""
+        with contextlib.suppress(OSError):
+            os.killpg(os.tcgetpgrp(self.fd), signum)
+
+    def eof_char(self) -> bytes:
+        """The terminal's VEOF character (^D unless the agent changed it)."""
+        try:
+            veof = termios.tcgetattr(self.fd)[6][termios.VEOF]
+        except (termios.error, OSError):
+            return b"\x04"
+        return bytes([veof]) if isinstance(veof, int) else bytes(veof)
+
+    def write_nowait(self, data: bytes) -> int:
+        """Write what the PTY takes now; 0 if full. OSError if the terminal is gone."""
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def send_all(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class PtyReader:
+    """Drains the PTY into chunks and hands each to ``publish``.
+
+    Reading until EAGAIN (up to ``limit``) before publishing turns a burst of
+    small tty reads into one audit record, one frame and one write per
+    client, which is what keeps the fan-out cheap under heavy output.
+    """
+
+    def __init__(self, master: PtyMaster, limit: int, publish: Callable[[bytes], None]) -> None:
+        self._master = master
+        self._limit = limit
+        self._publish = publish
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        """Until the PTY reports end of output (every slave fd closed) or is closed."""
+        try:
+            while True:
+                fd = self._master.fd
+                if fd < 0:
+                    return
+                await trio.lowlevel.wait_readable(fd)
+                chunk, eof = self._drain(fd)
+                if chunk:
+                    self._publish(chunk)
+                if eof:
+                    return
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            self.done.set()
+
+    def _drain(self, fd: int) -> tuple[bytes, bool]:
+        chunks: list[bytes] = []
+        size = 0
+        while size < self._limit:
+            try:
+                data = os.read(fd, self._limit - size)
+            except BlockingIOError:
+                break
+            except OSError:  # EIO: every slave fd is closed
+                return b"".join(chunks), True
+            if not data:
+                return b"".join(chunks), True
+            chunks.append(data)
+            size += len(data)
+        return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), False
+
+
+class PtyInput:
+    """The one way input reaches the agent: recorded, then written, in order."""
+
+    def __init__(self, master: PtyMaster) -> None:
+        self._master = master
+        self._send, self._receive = trio.open_memory_channel[tuple[BoundAudit, bytes | None, bool]](
+            INPUT_QUEUE
+        )
+        self._pending = 0  # pieces handed to the writer and not yet written
+        self._last_byte = b"\n"
+
+    async def send(self, audit: BoundAudit, data: bytes) -> None:
+        """Record and write ``data``; waits while the agent does not read."""
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return
+        if not self._pending:
+            audit.write_bytes("input", data)
+            try:
+                written = self._master.write_nowait(data)
+            except OSError:
+                await trio.lowlevel.checkpoint()
+                return  # the terminal is gone: the session is ending
+            self._note(data[:written])
+            if written == len(data):
+                await trio.lowlevel.checkpoint()
+                return
+            await self._enqueue(audit, data[written:], recorded=True)
+            return
+        await self._enqueue(audit, data, recorded=False)
+
+    async def send_eof(self, audit: BoundAudit) -> None:
+        """End of input: the terminal's EOF character, in order with the input."""
+        await self._enqueue(audit, None, recorded=False)
+
+    async def _enqueue(self, audit: BoundAudit, data: bytes | None, *, recorded: bool) -> None:
+        self._pending += 1
+        try:
+            await self._send.send((audit, data, recorded))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._pending -= 1
+
+    def _note(self, written: bytes) -> None:
+        if written:
+            self._last_byte = written[-1:]
+
+    def _eof_bytes(self) -> bytes:
+        """VEOF ends input at the start of a line; mid-line it takes two."""
+        veof = self._master.eof_char()
+        return veof if self._last_byte in (b"\n", b"\r") else veof * 2
+
+    async def run(self) -> None:
+        """The writer task: what could not be written at once, in arrival order."""
+        async for audit, data, recorded in self._receive:
+            try:
+                if data is None:
+                    audit.write("input_eof")
+                    data = self._eof_bytes()
+                elif not recorded:
+                    audit.write_bytes("input", data)
+                await self._master.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            finally:
+                self._pending -= 1
+            self._note(data)
+
+    def close(self) -> None:
+        self._send.close()
+
+
+class Scrollback:
+    """The last ``limit`` bytes of output, for late joiners."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+
+    def append(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > 2 * self.limit:  # trim in bulk, not on every chunk
+            del self._buffer[: len(self._buffer) - self.limit]
+
+    def snapshot(self) -> bytes:
+        """The recent output, starting after a newline where it was trimmed.
+
+        Starting at a line keeps a joiner from beginning inside an escape sequence.
+        """
+        data = bytes(self._buffer[-self.limit :]) if self.limit else b""
+        if len(self._buffer) > self.limit:
+            cut = data.find(b"\n")
+            if cut >= 0:
+                data = data[cut + 1 :]
+        return data

@@ -1,0 +1,177 @@
+"""What an attached client's frames mean: a table, checked once, at dispatch.
+
+Each in-session message type has one :class:`Rule`: who may send it, whether
+it is recorded as a ``control`` record, and its handler. A frame that the
+client's role may not send is refused in one place (:meth:`Requests._deny`):
+a ``denied`` record, a ``forbidden`` error to that client, nothing else
+happens. DATA frames (typed input) follow the same table.
+
+ASys requests run in tasks of their own in the connection's nursery, so a
+keystroke never waits behind a slow instruction; at most
+:data:`ASYS_IN_FLIGHT` run at once per connection, and one more is answered
+``6400`` (busy: back off) at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import attrs
+import trio
+
+from . import asys, codec, policy
+from . import messages as m
+from .errors import ErrorCode, ProtocolError
+from .protocol import Frame, Kind
+from .session import Attachment, Session
+
+#: ASys calls one connection may have running at once
+ASYS_IN_FLIGHT: Final = 4
+
+
+class Detached(Exception):
+    """The client asked to leave."""
+
+
+@attrs.frozen
+class Rule:
+    """One message type: the permission, the ``control`` record, the handler."""
+
+    handler: Callable[[Requests, Any], Awaitable[None]]
+    permitted: Callable[[Attachment, Session], bool] | None = None
+    action: str = ""  # the name in a ``denied`` record
+    refusal: str = ""  # what the client is told when refused
+    control_record: bool = True
+
+
+def _may_write(att: Attachment, _session: Session) -> bool:
+    return policy.may_write(att.role)
+
+
+def _may_kill(att: Attachment, session: Session) -> bool:
+    return policy.may_kill(att.role, att.identity.uid, creator_uid=session.creator.uid)
+
+
+_READ_ONLY_INPUT = "read-only clients cannot send input"
+
+
+class Requests:
+    """Dispatches one attached client's frames to its session."""
+
+    def __init__(
+        self,
+        session: Session,
+        att: Attachment,
+        asys_scope: asys.ServerScope,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.session = session
+        self.att = att
+        self._asys = asys_scope
+        self._nursery = nursery
+        self._asys_running = 0
+
+    async def dispatch(self, frame: Frame) -> None:
+        """Act on one frame. Raises Detached, or ProtocolError for a bad one."""
+        if not self.session.alive:
+            # the agent has ended: nothing more is acted on; the exit status is on its way
+            return
+        if frame.kind is Kind.DATA:
+            msg: Any = frame.payload
+            rule: Rule | None = _INPUT
+        else:
+            msg = codec.decode_client(frame.payload)
+            rule = _RULES.get(type(msg))
+        if rule is None:
+            raise ProtocolError(
+                    f"{codec.tag_of(type(msg))} is not allowed inside a session",
+                    code=ErrorCode.BAD_MESSAGE,
+                )
+        if rule.permitted is not None and not rule.permitted(self.att, self.session):
+            self._deny(rule)
+            return
+        if rule.control_record:
+            self.att.audit.write("control", content=codec.tag_of(type(msg)))
+        await rule.handler(self, msg)
+
+    def _deny(self, rule: Rule) -> None:
+        self.att.audit.write("denied", content=rule.action)
+        self.att.send(m.Error(ErrorCode.FORBIDDEN, rule.refusal))
+
+    # --- handlers ------------------------------------------------------------------
+
+    async def _input(self, data: bytes) -> None:
+        await self.session.input(self.att, data)
+
+    async def _input_eof(self, _msg: m.InputEof) -> None:
+        await self.session.input_eof(self.att)
+
+    async def _resize(self, msg: m.Resize) -> None:
+        self.session.resize(self.att, msg.rows, msg.cols)
+
+    async def _ping(self, msg: m.Ping) -> None:
+        self.att.send(m.Pong(msg.nonce))
+
+    async def _status(self, _msg: m.GetStatus) -> None:
+        self.att.send(m.Status(self.session.info(), self.session.alive))
+
+    async def _kill(self, _msg: m.ForceKill) -> None:
+        self.session.force_kill(self.att.audit)
+
+    async def _detach(self, _msg: m.Detach) -> None:
+        raise Detached
+
+    async def _asys_request(self, msg: m.AsysRequest) -> None:
+        if self._asys_running >= ASYS_IN_FLIGHT:
+            sw = asys.SW.BLOCKED
+            text = f"{ASYS_IN_FLIGHT} ASys calls are already running on this connection"
+            self.att.send(m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, None, text))
+            return
+        self._asys_running += 1
+        self._nursery.start_soon(self._run_asys, msg)
+
+    async def _run_asys(self, msg: m.AsysRequest) -> None:
+        try:
+            att = self.att
+            ctx = asys.Context(
+                att.role,
+                att.identity.user,
+                att.identity.uid,
+                att.identity.groups,
+                self._asys,
+                self.session.asys,
+            )
+            self.att.send(await asys.call(ctx, msg))
+        finally:
+            self._asys_running -= 1
+
+
+_INPUT = Rule(Requests._input, _may_write, "input", _READ_ONLY_INPUT, control_record=False)
+_RULES: dict[type, Rule] = {
+    m.Resize: Rule(
+        Requests._resize,
+        _may_write,
+        "resize",
+        "read-only clients cannot resize",
+        control_record=False,  # the session writes a ``resize`` record with the sizes
+    ),
+    m.InputEof: Rule(
+        Requests._input_eof,
+        _may_write,
+        "input_eof",
+        _READ_ONLY_INPUT,
+        control_record=False,  # the input path writes ``input_eof`` when it takes effect
+    ),
+    m.Ping: Rule(Requests._ping),
+    m.GetStatus: Rule(Requests._status),
+    m.ForceKill: Rule(
+        Requests._kill,
+        _may_kill,
+        "force_kill",
+        "only an admin or the session's creator may kill it",
+    ),
+    m.Detach: Rule(Requests._detach),
+    # recorded as asys_request / asys_result, with the arguments and the answer
+    m.AsysRequest: Rule(Requests._asys_request, control_record=False),
+}

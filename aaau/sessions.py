@@ -1,0 +1,167 @@
+"""The sessions of one server: limits, create, find, list, forget, reload, shutdown.
+
+The registry owns the nursery the sessions run in (the server hands it over).
+A session is registered before its agent starts, so the limits count it, and
+forgets itself when it has ended.
+"""
+
+from __future__ import annotations
+
+import pwd
+import secrets
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import structlog
+import trio
+
+from . import credentials, policy, spawn
+from . import messages as m
+from .audit import AuditLog
+from .config import Config
+from .errors import ErrorCode, RequestError
+from .outbox import Outbox
+from .policy import Groups, Identity, Refusal, Standing
+from .session import Attachment, Session
+
+log = structlog.get_logger("aaau.sessions")
+
+Identify = Callable[[int, int, int], Identity]
+
+
+class Sessions:
+    def __init__(
+        self,
+        config: Config,
+        audit: AuditLog,
+        nursery: trio.Nursery,
+        *,
+        spawner: spawn.Spawner | None = None,
+    ) -> None:
+        self.config = config
+        self._audit = audit
+        self._nursery = nursery
+        self._spawner = spawner or spawn.Launcher()
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def find(self, session_id: str) -> Session:
+        """A live session, or the ``unknown-session`` error."""
+        session = self._sessions.get(session_id)
+        if session is None or not session.alive:
+            raise RequestError(f"no session {session_id}", code=ErrorCode.UNKNOWN_SESSION)
+        return session
+
+    def listing(self) -> tuple[m.SessionInfo, ...]:
+        return tuple(s.info() for s in self._sessions.values() if s.alive)
+
+    def _check_limits(self, identity: Identity) -> None:
+        cfg = self.config
+        if len(self._sessions) >= cfg.max_sessions:
+            raise RequestError(
+                f"the server already runs {len(self._sessions)} sessions "
+                f"(limit {cfg.max_sessions})",
+                code=ErrorCode.LIMIT,
+            )
+        mine = sum(1 for s in self._sessions.values() if s.creator.uid == identity.uid)
+        if mine >= cfg.sessions_per_user:
+            raise RequestError(
+                f"{identity.user} already runs {mine} sessions (limit {cfg.sessions_per_user})",
+                code=ErrorCode.LIMIT,
+            )
+
+    def _plan(self, session_id: str, req: m.Create) -> spawn.SpawnPlan:
+        try:
+            agent = pwd.getpwnam(self.config.agent_user)
+        except KeyError:
+            raise spawn.SpawnError(f"agent user {self.config.agent_user} does not exist") from None
+        return spawn.plan(
+            self.config,
+            agent,
+            session_id=session_id,
+            argv=req.argv,
+            term=req.term,
+            cwd=req.cwd,
+            extra_env=req.env,
+        )
+
+    async def create(
+        self, identity: Identity, standing: Standing, req: m.Create, outbox: Outbox
+    ) -> tuple[Session, Attachment]:
+        """Start a session for ``identity``; its creator is attached with ``outbox``."""
+        self._check_limits(identity)
+        session_id = secrets.token_urlsafe(16)
+        audit = self._audit.bind(user=identity.user, uid=identity.uid, session_id=session_id)
+        try:
+            plan = self._plan(session_id, req)
+        except spawn.SpawnError as exc:
+            raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
+        session = Session(
+            session_id,
+            identity,
+            argv=plan.argv,
+            shared=req.share,
+            rows=req.rows,
+            cols=req.cols,
+            config=self.config,
+            audit=self._audit,
+            spawner=self._spawner,
+            on_end=self._forget,
+        )
+        # registered before it starts: the limits count it, and an agent that ends
+        # at once takes it out again (list and join skip what is not alive)
+        self._sessions[session_id] = session
+        try:
+            try:
+                att: Attachment = await self._nursery.start(
+                    partial(session.run, plan, (standing, outbox))
+                )
+            except OSError as exc:  # openpty, pipes, fds: the machine refused, say so
+                raise spawn.SpawnError(f"cannot start the agent: {exc.strerror or exc}") from exc
+        except spawn.SpawnError as exc:
+            self._sessions.pop(session_id, None)
+            audit.write("spawn_failed", content=str(exc), metadata={"argv": list(plan.argv)})
+            raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
+        log.info("session-started", session_id=session_id, user=identity.user)
+        return session, att
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+        log.info("session-ended", session_id=session.id, status=str(session.exit_status))
+
+    def reload(self, config: Config, groups: Groups, identify: Identify) -> None:
+        """New limits for every session; every client's right to be attached re-checked."""
+        self.config = config
+        for session in self:
+            session.reconfigure(config)
+            for att in list(session.clients.values()):
+                _recheck(session, att, groups, identify)
+
+    def shutdown(self) -> None:
+        """Tell every client the server is going, and end every agent."""
+        for session in self:
+            session.broadcast(m.Error(ErrorCode.SHUTDOWN, "the server is shutting down"))
+            session.kill_all("server shutdown")
+
+    async def wait_all_ended(self) -> None:
+        while self._sessions:
+            await next(iter(self._sessions.values())).wait_ended()
+
+
+def _recheck(session: Session, att: Attachment, groups: Groups, identify: Identify) -> None:
+    ident = att.identity
+    try:
+        fresh = identify(ident.pid, ident.uid, ident.gid)
+    except credentials.UnknownPeer as exc:
+        session.revoke(att, str(exc))
+        return
+    standing = policy.admit(fresh, groups)
+    if isinstance(standing, Refusal):
+        session.revoke(att, f"access revoked: {standing.reason}")
+    else:
+        session.change_role(att, fresh, standing)
