@@ -32,10 +32,11 @@ from .audit import AuditLog, BoundAudit
 from .config import Config
 from .errors import ErrorCode, ProtocolError, RequestError
 from .framing import FramedStream
+from .members import Attachment
 from .outbox import FLUSH_GRACE, Outbox, socket_writer
 from .policy import Groups, Identity, Refusal, Standing
 from .requests import Detached, Requests
-from .session import Attachment, Session
+from .session import Session
 from .sessions import Sessions
 
 log = structlog.get_logger("aaau.connection")

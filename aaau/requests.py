@@ -23,8 +23,9 @@ import trio
 from . import asys, codec, policy
 from . import messages as m
 from .errors import ErrorCode, ProtocolError
+from .members import Attachment
 from .protocol import Frame, Kind
-from .session import Attachment, Session
+from .session import Session
 
 #: ASys calls one connection may have running at once
 ASYS_IN_FLIGHT: Final = 4

@@ -7,29 +7,27 @@ chunk goes to :meth:`Session.publish`, which fans it out to each client's
 joiners), the PTY input writer, and the wait for the agent, whose exit ends
 the session. Its life is :class:`SessionState`.
 
-The session knows clients only as :class:`Attachment` records with an
-outbox: it puts frames in and closes outboxes; it never touches a socket and
-never reaches into a connection. Closing a client's outbox is how the session
-hangs up on it (evicted, revoked, session ended): the connection sees that.
+The session knows clients only through :class:`aaau.members.Members`
+(attachments with an outbox): it puts frames in and closes outboxes; it never
+touches a socket and never reaches into a connection.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import signal
 import time
 from collections.abc import Callable
 from typing import Final
 
-import attrs
 import trio
 
-from . import asys, codec, policy, reaper
+from . import asys, reaper
 from . import messages as m
 from .audit import AuditLog, BoundAudit
 from .config import Config
 from .errors import ErrorCode, RequestError
+from .members import Attachment, Members
 from .outbox import Outbox
 from .policy import Identity, Standing
 from .protocol import data_frame
@@ -53,27 +51,6 @@ class SessionState(enum.Enum):
     KILLING = "killing"  # FORCE_KILL under way; still running until the agent ends
     ENDING = "ending"  # the agent has ended: nothing more is acted on
     ENDED = "ended"  # clients told, resources given back, out of the registry
-
-
-_client_ids = itertools.count(1)
-
-
-@attrs.define(eq=False)
-class Attachment:
-    """One client attached to a session: who, in which role, and its outbox."""
-
-    identity: Identity
-    standing: Standing
-    role: m.Role
-    outbox: Outbox
-    audit: BoundAudit  # bound to this client: user, uid, role, session, client id
-    client_id: int
-
-    def info(self) -> m.ClientInfo:
-        return m.ClientInfo(self.client_id, self.identity.user, self.identity.uid, self.role)
-
-    def send(self, message: m.ServerMessage) -> bool:
-        return self.outbox.put(codec.encode(message))
 
 
 class Session:
@@ -106,11 +83,18 @@ class Session:
         self.config = config
         self.created_at = time.time()
         self.state = SessionState.STARTING
-        self.clients: dict[int, Attachment] = {}
         self.exit_status: m.Exited | None = None
         self.killed_by: str | None = None
         self.scrollback = Scrollback(config.scrollback_bytes)
         self._audit = audit.bind(session_id=session_id)
+        self.members = Members(
+            session_id,
+            self._audit,
+            creator_uid=creator.uid,
+            shared=shared,
+            limit=config.clients_per_session,
+            queue_bytes=config.client_queue_bytes,
+        )
         self._spawner = spawner
         self._on_end = on_end
         self._ended = trio.Event()
@@ -166,25 +150,12 @@ class Session:
         return max(4096, min(READ_SIZE, self.config.client_queue_bytes // 4))
 
     def _audit_start(self, agent: Agent) -> None:
-        plan = agent.plan
         self._audit.write(
             "session_start",
             user=self.creator.user,
             uid=self.creator.uid,
             content=f"Agent PID {agent.pid}",
-            metadata={
-                "argv": list(plan.argv),
-                "executable": plan.executable,
-                "agent_pid": agent.pid,
-                "pty": agent.pty,
-                "cwd": plan.cwd,
-                "agent_user": plan.user,
-                "env_names": sorted(plan.env),
-                "shared": self.shared,
-                "rows": self.rows,
-                "cols": self.cols,
-                "cgroup": str(agent.cgroup) if agent.cgroup else None,
-            },
+            metadata=_start_metadata(agent, self.shared, self.rows, self.cols),
         )
 
     async def _end_processes(self, agent: Agent) -> None:
@@ -210,11 +181,7 @@ class Session:
             content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
             metadata={"exit_code": code, "signal": sig, "force_killed": self.killed_by is not None},
         )
-        frame = codec.encode(self.exit_status)
-        for att in self.clients.values():
-            att.outbox.put(frame)
-            att.outbox.close(flush_grace=self.config.shutdown_grace)
-        self.clients.clear()
+        self.members.hang_up_all(self.exit_status, self.config.shutdown_grace)
         self._input.close()
         await self._pty.aclose()
         await self._spawner.release(agent)
@@ -226,23 +193,12 @@ class Session:
 
     def publish(self, data: bytes) -> None:
         """Fan a chunk out to every client, then record and keep it (no await between)."""
-        frame = data_frame(data)
-        for att in list(self.clients.values()):
-            if not att.outbox.put(frame):
-                self._evict(att)
+        self.members.fan_out(data_frame(data))
         # recorded right after it is handed on, off the echo's critical path; input,
         # which has an effect, is recorded before it is written
         if self.config.record_output:
             self._audit.write_bytes("output", data, source="agent")
         self.scrollback.append(data)
-
-    def broadcast(self, message: m.ServerMessage) -> None:
-        frame = codec.encode(message)
-        for att in list(self.clients.values()):
-            if not att.outbox.put(frame):
-                self._evict(att)
-
-    # --- membership -------------------------------------------------------------------
 
     def attach(
         self,
@@ -256,85 +212,28 @@ class Session:
         """Add a client: welcome, then the scrollback, then live output."""
         if not self.alive:
             raise RequestError(f"session {self.id} has ended", code=ErrorCode.UNKNOWN_SESSION)
-        if len(self.clients) >= self.config.clients_per_session:
-            raise RequestError(
-                f"session {self.id} already has {len(self.clients)} clients "
-                f"(limit {self.config.clients_per_session})",
-                code=ErrorCode.LIMIT,
-            )
-        allowed = policy.max_role(
-            standing, identity.uid, creator_uid=self.creator.uid, shared=self.shared
-        )
-        role = policy.grant(allowed, requested)
-        client_id = next(_client_ids)
-        audit = self._bind(identity, role, client_id)
-        att = Attachment(identity, standing, role, outbox, audit, client_id)
-        audit.write(
-            "join",
-            metadata={
-                "created": created,
-                "requested_role": requested.value if requested else None,
-                "peer_pid": identity.pid,
-            },
-        )
+        att = self.members.join(identity, standing, outbox, requested, created=created)
         att.send(
-            m.Welcome(m.PROTOCOL_VERSION, self.id, role, created, self.rows, self.cols, client_id)
+            m.Welcome(
+                m.PROTOCOL_VERSION, self.id, att.role, created, self.rows, self.cols, att.client_id
+            )
         )
         if history := self.scrollback.snapshot():
             outbox.put(data_frame(history))
-        self.broadcast(m.Joined(att.info()))
-        self.clients[client_id] = att
+        self.members.add(att)
         if not created:  # a full-screen program repaints for the newcomer
             self._pty.signal_foreground(signal.SIGWINCH)
         return att
 
-    def _bind(self, identity: Identity, role: m.Role, client_id: int) -> BoundAudit:
-        return self._audit.bind(
-            source="human", user=identity.user, uid=identity.uid, role=role, client_id=client_id
-        )
-
     def detach(self, att: Attachment, reason: str) -> None:
-        """The client left (or its connection ended); the outbox is the connection's."""
-        if self.clients.pop(att.client_id, None) is not None:
-            att.audit.write("leave", content=reason)
-            self.broadcast(m.Left(att.info()))
-
-    def _evict(self, att: Attachment) -> None:
-        """Its outbox overflowed (the connection says ``too-slow``): out it goes."""
-        if self.clients.pop(att.client_id, None) is not None:
-            att.audit.write(
-                "client_evicted",
-                source="system",
-                content=f"client fell more than {self.config.client_queue_bytes} bytes behind",
-            )
-            self.broadcast(m.Left(att.info()))
-
-    def revoke(self, att: Attachment, reason: str) -> None:
-        """Hang up on a client whose right to be here is gone."""
-        if self.clients.pop(att.client_id, None) is not None:
-            att.audit.write("client_revoked", source="system", content=reason)
-            att.send(m.Error(ErrorCode.REVOKED, reason))
-            att.outbox.close()
-            self.broadcast(m.Left(att.info()))
-
-    def change_role(self, att: Attachment, identity: Identity, standing: Standing) -> None:
-        """After a reload: the client's standing now; a role it may no longer hold is lowered."""
-        allowed = policy.max_role(
-            standing, identity.uid, creator_uid=self.creator.uid, shared=self.shared
-        )
-        att.identity, att.standing = identity, standing
-        if att.role.rank > allowed.rank:
-            previous, att.role = att.role, allowed
-            att.audit = self._bind(identity, allowed, att.client_id)
-            att.audit.write(
-                "role_changed", source="system", content=f"{previous.value} -> {allowed.value}"
-            )
-            att.send(m.RoleChanged(allowed, "group membership changed"))
+        self.members.leave(att, reason)
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: limits apply from now on."""
         self.config = config
         self.scrollback.limit = config.scrollback_bytes
+        self.members.limit = config.clients_per_session
+        self.members.queue_bytes = config.client_queue_bytes
 
     # --- requests ---------------------------------------------------------------------
 
@@ -386,8 +285,26 @@ class Session:
             rows=self.rows,
             cols=self.cols,
             shared=self.shared,
-            clients=tuple(att.info() for att in self.clients.values()),
+            clients=self.members.infos(),
         )
+
+
+def _start_metadata(agent: Agent, shared: bool, rows: int, cols: int) -> dict[str, object]:
+    """What ``session_start`` records: what runs, as whom, where (env names, never values)."""
+    plan = agent.plan
+    return {
+        "argv": list(plan.argv),
+        "executable": plan.executable,
+        "agent_pid": agent.pid,
+        "pty": agent.pty,
+        "cwd": plan.cwd,
+        "agent_user": plan.user,
+        "env_names": sorted(plan.env),
+        "shared": shared,
+        "rows": rows,
+        "cols": cols,
+        "cgroup": str(agent.cgroup) if agent.cgroup else None,
+    }
 
 
 def _exit_status(returncode: int | None) -> m.Exited:

@@ -20,9 +20,10 @@ from . import messages as m
 from .audit import AuditLog
 from .config import Config
 from .errors import ErrorCode, RequestError
+from .members import Attachment, Members
 from .outbox import Outbox
 from .policy import Groups, Identity, Refusal, Standing
-from .session import Attachment, Session
+from .session import Session
 
 log = structlog.get_logger("aaau.sessions")
 
@@ -139,13 +140,13 @@ class Sessions:
         self.config = config
         for session in self:
             session.reconfigure(config)
-            for att in list(session.clients.values()):
-                _recheck(session, att, groups, identify)
+            for att in session.members:
+                _recheck(session.members, att, groups, identify)
 
     def shutdown(self) -> None:
         """Tell every client the server is going, and end every agent."""
         for session in self:
-            session.broadcast(m.Error(ErrorCode.SHUTDOWN, "the server is shutting down"))
+            session.members.broadcast(m.Error(ErrorCode.SHUTDOWN, "the server is shutting down"))
             session.kill_all("server shutdown")
 
     async def wait_all_ended(self) -> None:
@@ -153,15 +154,15 @@ class Sessions:
             await next(iter(self._sessions.values())).wait_ended()
 
 
-def _recheck(session: Session, att: Attachment, groups: Groups, identify: Identify) -> None:
+def _recheck(members: Members, att: Attachment, groups: Groups, identify: Identify) -> None:
     ident = att.identity
     try:
         fresh = identify(ident.pid, ident.uid, ident.gid)
     except credentials.UnknownPeer as exc:
-        session.revoke(att, str(exc))
+        members.revoke(att, str(exc))
         return
     standing = policy.admit(fresh, groups)
     if isinstance(standing, Refusal):
-        session.revoke(att, f"access revoked: {standing.reason}")
+        members.revoke(att, f"access revoked: {standing.reason}")
     else:
-        session.change_role(att, fresh, standing)
+        members.change_role(att, fresh, standing)

@@ -1,0 +1,174 @@
+"""The clients attached to one session: who they are, their roles, the fan-out.
+
+A client is an :class:`Attachment`: an identity, a role decided here (never
+by the client), an :class:`aaau.outbox.Outbox`, and the audit log bound to
+it. :class:`Members` adds and removes attachments and hands frames to every
+outbox without waiting; an outbox that overflows is removed on the spot
+(its connection says ``too-slow``). Removing a client for cause (revoked,
+evicted) and the end of the session close the outbox: that is how a
+connection learns it must hang up. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import attrs
+
+from . import codec, policy
+from . import messages as m
+from .audit import BoundAudit
+from .errors import ErrorCode, RequestError
+from .outbox import Outbox
+from .policy import Identity, Standing
+
+_client_ids = itertools.count(1)
+
+
+@attrs.define(eq=False)
+class Attachment:
+    """One client attached to a session: who, in which role, and its outbox."""
+
+    identity: Identity
+    standing: Standing
+    role: m.Role
+    outbox: Outbox
+    audit: BoundAudit  # bound to this client: user, uid, role, session, client id
+    client_id: int
+
+    def info(self) -> m.ClientInfo:
+        return m.ClientInfo(self.client_id, self.identity.user, self.identity.uid, self.role)
+
+    def send(self, message: m.ServerMessage) -> bool:
+        return self.outbox.put(codec.encode(message))
+
+
+class Members:
+    """The attachments of one session, and what they are sent."""
+
+    def __init__(
+        self,
+        session_id: str,
+        audit: BoundAudit,
+        *,
+        creator_uid: int,
+        shared: bool,
+        limit: int,
+        queue_bytes: int,
+    ) -> None:
+        self._session_id = session_id
+        self._audit = audit  # bound to the session
+        self._creator_uid = creator_uid
+        self._shared = shared
+        self.limit = limit  # clients at once
+        self.queue_bytes = queue_bytes  # for the eviction record
+        self._clients: dict[int, Attachment] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def __iter__(self) -> Iterator[Attachment]:
+        return iter(list(self._clients.values()))
+
+    def infos(self) -> tuple[m.ClientInfo, ...]:
+        return tuple(att.info() for att in self._clients.values())
+
+    def max_role(self, identity: Identity, standing: Standing) -> m.Role:
+        return policy.max_role(
+            standing, identity.uid, creator_uid=self._creator_uid, shared=self._shared
+        )
+
+    def join(
+        self,
+        identity: Identity,
+        standing: Standing,
+        outbox: Outbox,
+        requested: m.Role | None,
+        *,
+        created: bool,
+    ) -> Attachment:
+        """A new attachment, recorded; not yet told anything, not yet receiving output."""
+        if len(self._clients) >= self.limit:
+            raise RequestError(
+                f"session {self._session_id} already has {len(self._clients)} clients "
+                f"(limit {self.limit})",
+                code=ErrorCode.LIMIT,
+            )
+        role = policy.grant(self.max_role(identity, standing), requested)
+        client_id = next(_client_ids)
+        att = Attachment(
+            identity, standing, role, outbox, self._bind(identity, role, client_id), client_id
+        )
+        att.audit.write(
+            "join",
+            metadata={
+                "created": created,
+                "requested_role": requested.value if requested else None,
+                "peer_pid": identity.pid,
+            },
+        )
+        return att
+
+    def add(self, att: Attachment) -> None:
+        """From now on ``att`` gets every frame; the others hear it joined."""
+        self.broadcast(m.Joined(att.info()))
+        self._clients[att.client_id] = att
+
+    def _bind(self, identity: Identity, role: m.Role, client_id: int) -> BoundAudit:
+        return self._audit.bind(
+            source="human", user=identity.user, uid=identity.uid, role=role, client_id=client_id
+        )
+
+    def fan_out(self, frame: bytes) -> None:
+        """``frame`` to every client, never waiting; one that cannot take it is evicted."""
+        for att in list(self._clients.values()):
+            if not att.outbox.put(frame):
+                self._evict(att)
+
+    def broadcast(self, message: m.ServerMessage) -> None:
+        self.fan_out(codec.encode(message))
+
+    def leave(self, att: Attachment, reason: str) -> None:
+        """The client left (or its connection ended); its outbox is its connection's."""
+        if self._clients.pop(att.client_id, None) is not None:
+            att.audit.write("leave", content=reason)
+            self.broadcast(m.Left(att.info()))
+
+    def _evict(self, att: Attachment) -> None:
+        """Its outbox overflowed (the connection says ``too-slow``): out it goes."""
+        if self._clients.pop(att.client_id, None) is not None:
+            att.audit.write(
+                "client_evicted",
+                source="system",
+                content=f"client fell more than {self.queue_bytes} bytes behind",
+            )
+            self.broadcast(m.Left(att.info()))
+
+    def revoke(self, att: Attachment, reason: str) -> None:
+        """Hang up on a client whose right to be here is gone."""
+        if self._clients.pop(att.client_id, None) is not None:
+            att.audit.write("client_revoked", source="system", content=reason)
+            att.send(m.Error(ErrorCode.REVOKED, reason))
+            att.outbox.close()
+            self.broadcast(m.Left(att.info()))
+
+    def change_role(self, att: Attachment, identity: Identity, standing: Standing) -> None:
+        """After a reload: the client's standing now; a role it may no longer hold is lowered."""
+        allowed = self.max_role(identity, standing)
+        att.identity, att.standing = identity, standing
+        if att.role.rank > allowed.rank:
+            previous, att.role = att.role, allowed
+            att.audit = self._bind(identity, allowed, att.client_id)
+            att.audit.write(
+                "role_changed", source="system", content=f"{previous.value} -> {allowed.value}"
+            )
+            att.send(m.RoleChanged(allowed, "group membership changed"))
+
+    def hang_up_all(self, last: m.ServerMessage, flush_grace: float) -> None:
+        """The session is over: ``last`` to everyone, then every outbox closed."""
+        frame = codec.encode(last)
+        for att in self._clients.values():
+            att.outbox.put(frame)
+            att.outbox.close(flush_grace=flush_grace)
+        self._clients.clear()
