@@ -205,19 +205,21 @@ class Scrollback:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buffer = bytearray()
+        self._dropped = False  # has output been dropped from the front?
 
     def append(self, data: bytes) -> None:
         self._buffer += data
         if len(self._buffer) > 2 * self.limit:  # trim in bulk, not on every chunk
             del self._buffer[: len(self._buffer) - self.limit]
+            self._dropped = True
 
     def snapshot(self) -> bytes:
-        """The recent output, starting after a newline where it was trimmed.
+        """The recent output, starting after a newline wherever older output was cut off.
 
         Starting at a line keeps a joiner from beginning inside an escape sequence.
         """
         data = bytes(self._buffer[-self.limit :]) if self.limit else b""
-        if len(self._buffer) > self.limit:
+        if self._dropped or len(self._buffer) > self.limit:
             cut = data.find(b"\n")
             if cut >= 0:
                 data = data[cut + 1 :]

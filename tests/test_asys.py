@@ -174,13 +174,7 @@ async def test_throttle_stops_and_continues_only_this_sessions_agent(
 
     stopped = await ask(ada, "PROC_THROTTLE", pid=child, action="stop")
     assert stopped.sw == "9000" and stopped.result == {"pid": child, "action": "stop", "state": "T"}
-    assert _state(child) == "T"
-    procs = await ask(ada, "SYS_PROCS", count=50)
-    assert procs.result is not None
-    assert (
-        any(p["pid"] == child and p["stopped"] for p in procs.result["procs"])
-        or procs.result["total_procs"] > 50
-    )
+    assert _state(child) == "T"  # (how SYS_PROCS shows a stopped process: test_asys_units)
     resumed = await ask(ada, "PROC_THROTTLE", pid=child, action="cont")
     assert resumed.sw == "9000" and _state(child) in ("S", "R")
 
@@ -415,12 +409,10 @@ def _global_ipv4() -> str | None:
 async def test_net_isolate_cuts_all_but_loopback_for_this_session_only(
     server: ServerProc,
 ) -> None:
+    if shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin") is None:
+        pytest.skip("nftables (nft) is not installed; the README's test command installs it")
     alice, welcome = await server.create(ALICE, ("bash", "--norc", "-i"))
     ada, _ = await server.join(ADA, welcome.session_id)
-    if shutil.which("nft") is None:
-        result = await ask(ada, "NET_ISOLATE")
-        assert result.sw == "6D00" and "nft" in result.message
-        return
     own_ip = _global_ipv4()
     listener = socket.socket()
     listener.bind(("0.0.0.0", 0))  # local only: both targets are this machine's addresses

@@ -1,10 +1,13 @@
 """Control messages: strict decoding, precise errors, lossless round trips."""
 
+import json
+
 import pytest
 
 from aaau import codec
 from aaau import messages as m
-from aaau.protocol import HEADER_SIZE, ProtocolError
+from aaau.errors import ErrorCode
+from aaau.protocol import HEADER_SIZE, Frame, Kind, ProtocolError
 
 CLIENT = [
     m.Create(
@@ -118,3 +121,53 @@ def test_argv_with_nul_is_refused() -> None:
         codec.decode_client(
             b'{"type":"create","version":1,"rows":1,"cols":1,"term":"x","argv":["a\\u0000b"]}'
         )
+
+
+# --- the hello rules and enums --------------------------------------------------------
+
+
+def _control(obj: object) -> Frame:
+    return Frame(Kind.CONTROL, json.dumps(obj).encode())
+
+
+def test_decode_hello_accepts_each_hello() -> None:
+    for hello in (m.ListSessions(1), m.Join(1, "abc"), m.AsysCall(1, 1, "SYS_CAPS")):
+        frame = Frame(Kind.CONTROL, codec.encode(hello)[HEADER_SIZE:])
+        assert codec.decode_hello(frame) == hello
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "text"),
+    [
+        (Frame(Kind.DATA, b"typed"), "bad-frame", "first frame must be a control message"),
+        (_control({"type": "ping", "nonce": 1}), "bad-message", "expected one of create, join"),
+        (_control({"type": "detach"}), "bad-message", "got detach"),
+        (_control({"type": "list_sessions", "version": 2}), "version", "version 2 is not"),
+        (_control({"type": "welcome"}), "bad-message", "unknown control message type"),
+    ],
+)
+def test_decode_hello_refuses_what_breaks_a_rule(frame: Frame, code: str, text: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.decode_hello(frame)
+    assert info.value.code == code and text in str(info.value)
+
+
+@pytest.mark.parametrize("role", ["root", "ADMIN", 2, ["admin"]])
+def test_enums_accept_only_their_exact_values(role: object) -> None:
+    payload = json.dumps({"type": "join", "version": 1, "session_id": "abc", "role": role})
+    with pytest.raises(ProtocolError, match=r"invalid join message: .*\$\.role"):
+        codec.decode_client(payload.encode())
+    good = payload.replace(json.dumps(role), '"readonly"')
+    assert codec.decode_client(good.encode()) == m.Join(1, "abc", m.Role.READONLY)
+
+
+def test_error_codes_and_status_words_decode_to_enums() -> None:
+    error = codec.decode_server(b'{"type":"error","code":"too-slow","message":"m"}')
+    assert isinstance(error, m.Error) and error.code is ErrorCode.TOO_SLOW
+    with pytest.raises(ProtocolError, match=r"\$\.code"):
+        codec.decode_server(b'{"type":"error","code":"made-up","message":"m"}')
+    result = codec.decode_server(
+        b'{"type":"asys_result","request_id":1,"instruction":"X","sw":"6982","status":"s"}'
+    )
+    assert isinstance(result, m.AsysResult) and result.sw is m.StatusWord.DENIED
+    assert result.sw.label == "access_denied"

@@ -167,3 +167,23 @@ def test_init_renders_names_into_the_shipped_templates() -> None:
 def test_init_refuses_an_agent_named_like_a_group() -> None:
     with pytest.raises(provision.InitError, match="three different names"):
         provision._check(provision.Layout(agent_user="aaau"))
+
+
+def test_bound_audit_fills_in_who_and_never_changes_in_place(tmp_path: Path) -> None:
+    log = AuditLog(str(tmp_path / "audit.jsonl"))
+    session = log.bind(session_id="s1")
+    client = session.bind(source="human", user="alice", uid=7, role=Role.ADMIN, client_id=3)
+    client.write("input", content="x", metadata={"extra": 1})
+    session.write("session_end", content="done")
+    client.bind(role=Role.READONLY).write("role_changed", source="system")
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    first, second, third = records
+    assert (first["user"], first["uid"], first["role"], first["session_id"]) == (
+        "alice",
+        7,
+        "admin",
+        "s1",
+    )
+    assert first["source"] == "human" and first["metadata"] == {"client_id": 3, "extra": 1}
+    assert (second["user"], second["role"], second["metadata"]) == ("-", None, {})
+    assert (third["role"], third["source"], third["metadata"]) == ("readonly", "system", {"client_id": 3})
