@@ -9,7 +9,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -17,6 +17,8 @@ from . import client, provision
 from . import messages as m
 from .config import ConfigError, load
 from .terminal import window_size
+
+T = TypeVar("T")
 
 ALIASES = {
     "claude": ("claude", "--dangerously-skip-permissions"),
@@ -222,84 +224,101 @@ def _client_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def client_main(argv: list[str] | None = None) -> int:
-    parser = _client_parser()
-    args = parser.parse_intermixed_args(argv)
-    words = args.words
-    sock = args.socket
-    v = m.PROTOCOL_VERSION
+class _Usage(Exception):
+    """A command line that does not make sense: one line on stderr, exit 255."""
 
-    def usage(message: str) -> int:
-        print(f"aaau: {message}", file=sys.stderr)
+
+def client_main(argv: list[str] | None = None) -> int:
+    args = _client_parser().parse_intermixed_args(argv)
+    try:
+        return _dispatch(args, args.words)
+    except _Usage as exc:
+        print(f"aaau: {exc}", file=sys.stderr)
         return client.EXIT_ERROR
 
+
+def _dispatch(args: argparse.Namespace, words: list[str]) -> int:
+    sock, v = args.socket, m.PROTOCOL_VERSION
     if words and words[0] == "asys":
-        return _asys(args, words[1:], usage)
+        return _asys(args, words[1:])
     if words and words[0] in ("ls", "list"):
         return client.run_client(_ls, sock, args.json)
     if words and words[0] in ("status", "kill"):
         if len(words) != 2:
-            return usage(f"usage: aaau {words[0]} SESSION_ID")
-        try:
-            request: m.ClientMessage = (
-                m.QueryStatus(v, words[1]) if words[0] == "status" else m.Kill(v, words[1])
-            )
-        except ValueError:
-            return usage(f"invalid session id {words[1]!r}")
+            raise _Usage(f"usage: aaau {words[0]} SESSION_ID")
+        request: m.QueryStatus | m.Kill = (
+            _with_session_id(m.QueryStatus, v, words[1])
+            if words[0] == "status"
+            else _with_session_id(m.Kill, v, words[1])
+        )
         return client.run_client(_one_shot_print, sock, request)
     if args.session:
         if args.program or words:
-            return usage("-n joins a session: do not name a program too")
-        try:
-            join = m.Join(v, args.session, m.Role.READONLY if args.read_only else None)
-        except ValueError:
-            return usage(f"invalid session id {args.session!r}")
+            raise _Usage("-n joins a session: do not name a program too")
+        role = m.Role.READONLY if args.read_only else None
+        join = _with_session_id(m.Join, v, args.session, role)
         return client.run_client(client.attach, sock, join)
-    argv_: tuple[str, ...] | None = None
+    return client.run_client(client.attach, sock, _create(args, words))
+
+
+def _with_session_id(kind: Callable[..., T], *fields: object) -> T:
+    try:
+        return kind(*fields)
+    except ValueError:
+        raise _Usage(f"invalid session id {fields[1]!r}") from None
+
+
+def _program(args: argparse.Namespace, words: list[str]) -> tuple[str, ...] | None:
+    """The argv to run: -p split like a shell (never re-parsed later), an alias, or None."""
     if args.program and words:
-        return usage("give either -p PROGRAM or an alias, not both")
+        raise _Usage("give either -p PROGRAM or an alias, not both")
     if args.program:
         try:
-            argv_ = tuple(shlex.split(args.program))
+            argv = tuple(shlex.split(args.program))
         except ValueError as exc:
-            return usage(f"invalid program string: {exc}")
-        if not argv_:
-            return usage("the program string is empty")
-    elif words:
+            raise _Usage(f"invalid program string: {exc}") from None
+        if not argv:
+            raise _Usage("the program string is empty")
+        return argv
+    if words:
         if len(words) != 1 or words[0] not in ALIASES:
-            return usage(f"unknown command {' '.join(words)!r} (try aaau --help)")
-        argv_ = ALIASES[words[0]]
+            raise _Usage(f"unknown command {' '.join(words)!r} (try aaau --help)")
+        return ALIASES[words[0]]
+    return None
+
+
+def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
+    argv = _program(args, words)
     env = {}
     for item in args.env:
         name, eq, value = item.partition("=")
         if not eq:
-            return usage(f"-e wants NAME=VALUE, got {item!r}")
+            raise _Usage(f"-e wants NAME=VALUE, got {item!r}")
         env[name] = value
     rows, cols = window_size(0) if os.isatty(0) else window_size(1)
     try:
-        create = m.Create(
-            v,
+        return m.Create(
+            m.PROTOCOL_VERSION,
             rows=rows,
             cols=cols,
             term=os.environ.get("TERM", "xterm-256color"),
-            argv=argv_,
+            argv=argv,
             share=args.share,
             cwd=os.path.abspath(args.cwd) if args.cwd else None,
             env=env,
         )
     except ValueError as exc:
-        return usage(str(exc))
-    return client.run_client(client.attach, sock, create)
+        raise _Usage(str(exc)) from None
 
 
-def _asys(args: argparse.Namespace, words: list[str], usage: Callable[[str], int]) -> int:
+def _asys(args: argparse.Namespace, words: list[str]) -> int:
     if not words:
-        return usage("usage: aaau asys [-n SESSION_ID] INSTRUCTION [key=value ...]")
+        raise _Usage("usage: aaau asys [-n SESSION_ID] INSTRUCTION [key=value ...]")
     instruction, call_args = words[0], {}
     for item in words[1:]:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            return usage(f"arguments are key=value, got {item!r}")
+            raise _Usage(f"arguments are key=value, got {item!r}")
         call_args[key] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
     return client.run_client(
         client.asys_call, args.socket, args.session, instruction.upper(), call_args

@@ -318,7 +318,8 @@ def prepare_accounts(base: Path) -> None:
 
 
 @asynccontextmanager
-async def aaau_server(*extra: str) -> AsyncIterator[AaauServer]:
+async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer]:
+    """A real server; ``python`` picks the installation (another one: a baseline build)."""
     base = Path(tempfile.mkdtemp(prefix="aaau-bench-", dir="/tmp"))
     base.chmod(0o755)
     prepare_accounts(base)
@@ -326,7 +327,7 @@ async def aaau_server(*extra: str) -> AsyncIterator[AaauServer]:
     r, w = os.pipe()
     process = subprocess.Popen(
         [
-            PY,
+            python,
             "-m",
             "aaau",
             "server",

@@ -3,6 +3,10 @@
 Run as root from the repository, with the project's venv:
 
     /opt/aaau-test/bin/python bench/run.py [--quick | --smoke] [--json] [--only NAME ...]
+        [--baseline PYTHON]
+
+``--baseline PYTHON`` adds "before": the aaau installed for that interpreter (a venv
+built from an earlier commit), run alternately with this one in the same invocation.
 
 Scenarios (docs/benchmarks.md has the method and the latest results):
   throughput   ~15 MB of seq output, 1/10/50 readers; time until every reader has it all
@@ -16,6 +20,7 @@ Scenarios (docs/benchmarks.md has the method and the latest results):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -24,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h
 
 from aaau import __version__
+
+#: the interpreter of a baseline installation (--baseline), or None
+BASELINE: str | None = None
 
 SIZES = {
     # name: (seq lines, runs, reader counts, echo samples, scale sessions, scale idle seconds)
@@ -72,14 +82,36 @@ def check_bytes(expected: h.Reader, readers: list[h.Reader]) -> bool:
     return all(r.bytes == expected.bytes and r.tail == expected.tail for r in readers)
 
 
+def _timing(times: list[float], raw_med: float, complete: bool, prefix: str) -> dict[str, Any]:
+    med = statistics.median(times)
+    return {
+        f"{prefix}_s": round(med, 3),
+        f"{prefix}_ratio": round(raw_med / med, 3),
+        f"{prefix}_every_byte": complete,
+    }
+
+
+@asynccontextmanager
+async def _contestants(*extra: str) -> AsyncIterator[dict[str, h.AaauServer]]:
+    """This aaau, and the baseline one if --baseline named it."""
+    async with h.aaau_server(*extra) as server:
+        if BASELINE is None:
+            yield {"aaau": server}
+            return
+        async with h.aaau_server(*extra, python=BASELINE) as before:
+            yield {"aaau": server, "before": before}
+
+
 async def throughput(size: str) -> dict[str, Any]:
     lines, runs, counts, *_ = SIZES[size]
     out: dict[str, Any] = {"lines": lines, "runs": runs, "readers": {}}
-    async with h.aaau_server() as server:
+    async with _contestants() as servers:
         for n in counts:
-            raw_t, tmux_t, aaau_t = [], [], []
-            complete, tmux_bytes, payload = True, [], 0
-            for _ in range(runs):  # alternate the three, same invocation
+            raw_t, tmux_t = [], []
+            times: dict[str, list[float]] = {name: [] for name in servers}
+            complete = dict.fromkeys(servers, True)
+            tmux_bytes, payload = [], 0
+            for _ in range(runs):  # alternate them all, same invocation
                 t, raw_reader = await h.raw_throughput(lines)
                 raw_t.append(t)
                 payload = raw_reader.bytes
@@ -87,17 +119,14 @@ async def throughput(size: str) -> dict[str, Any]:
                     t, readers = await h.tmux_throughput(lines, n)
                     tmux_t.append(t)
                     tmux_bytes.append(min(r.bytes for r in readers))
-                t, readers = await h.aaau_throughput(server, lines, n)
-                aaau_t.append(t)
-                complete = complete and check_bytes(raw_reader, readers)
+                for name, server in servers.items():
+                    t, readers = await h.aaau_throughput(server, lines, n)
+                    times[name].append(t)
+                    complete[name] = complete[name] and check_bytes(raw_reader, readers)
             raw_med = statistics.median(raw_t)
-            row: dict[str, Any] = {
-                "payload_bytes": payload,
-                "raw_s": round(raw_med, 3),
-                "aaau_s": round(statistics.median(aaau_t), 3),
-                "aaau_ratio": round(raw_med / statistics.median(aaau_t), 3),
-                "aaau_every_byte": complete,
-            }
+            row: dict[str, Any] = {"payload_bytes": payload, "raw_s": round(raw_med, 3)}
+            for name in servers:
+                row.update(_timing(times[name], raw_med, complete[name], name))
             if tmux_t:
                 row["tmux_s"] = round(statistics.median(tmux_t), 3)
                 row["tmux_ratio"] = round(raw_med / statistics.median(tmux_t), 3)
@@ -110,11 +139,10 @@ async def echo(size: str) -> dict[str, Any]:
     """Back to back ("hot": CPUs never idle) and with a pause between keys ("typing")."""
     samples = SIZES[size][3]
     result: dict[str, Any] = {"samples": samples, "typing_gap_ms": h.TYPING_GAP * 1000}
-    async with h.aaau_server() as server:
-        ways: dict[str, Any] = {
-            "raw": h.raw_echo,
-            "aaau": lambda n, gap: h.aaau_echo(server, n, gap),
-        }
+    async with _contestants() as servers:
+        ways: dict[str, Any] = {"raw": h.raw_echo}
+        for name, server in servers.items():
+            ways[name] = functools.partial(h.aaau_echo, server)
         if h.tmux_available():
             ways["tmux"] = h.tmux_echo
         for mode, gap in (("hot", 0.0), ("typing", h.TYPING_GAP)):
@@ -130,10 +158,17 @@ async def echo(size: str) -> dict[str, Any]:
 
 
 async def scale(size: str) -> dict[str, Any]:
+    result = await _scale(size, h.PY)
+    if BASELINE is not None:
+        result["before"] = await _scale(size, BASELINE)
+    return result
+
+
+async def _scale(size: str, python: str) -> dict[str, Any]:
     sessions, idle_s = SIZES[size][4], SIZES[size][5]
     # mostly idle: each agent prints one line every 5 seconds
     trickle = ["sh", "-c", "while :; do sleep 5; echo tick; done"]
-    async with h.aaau_server() as server:
+    async with h.aaau_server(python=python) as server:
         rss_before = h.rss_kb(server.pid)
         creates, joins, clients = [], [], []
         for _ in range(sessions):
@@ -256,12 +291,17 @@ def report(results: dict[str, Any]) -> str:
                 f"{n:>8} {row['raw_s']:>8} {row.get('tmux_s', '-'):>8} "
                 f"{row.get('tmux_ratio', '-'):>9} {row['aaau_s']:>8} "
                 f"{row['aaau_ratio']:>9} {row['aaau_every_byte']!s:>11}"
+                + (
+                    f"   before {row['before_s']} s, {row['before_ratio']} of raw"
+                    if "before_s" in row
+                    else ""
+                )
             )
     ec = results.get("echo")
     if ec:
         for mode in ("hot", "typing"):
             lines.append(f"\necho latency, {mode} ({ec['samples']} keystrokes), ms:")
-            for way in ("raw", "tmux", "aaau"):
+            for way in ("raw", "tmux", "aaau", "before"):
                 if way in ec[mode]:
                     row = ec[mode][way]
                     lines.append(
@@ -276,7 +316,7 @@ def report(results: dict[str, Any]) -> str:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
-    results: dict[str, Any] = {"machine": machine(), "size": size}
+    results: dict[str, Any] = {"machine": machine(), "size": size, "baseline": BASELINE}
     for name in args.only or SCENARIOS:
         results[name] = await SCENARIOS[name](size)
     return results
@@ -290,7 +330,12 @@ def cli() -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds: checks the harness only")
     parser.add_argument("--json", action="store_true", help="machine-readable results")
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS))
+    parser.add_argument(
+        "--baseline", metavar="PYTHON", help="also run the aaau installed for this interpreter"
+    )
     args = parser.parse_args()
+    global BASELINE
+    BASELINE = args.baseline
     if os.geteuid() != 0:
         print("bench/run.py must run as root (it starts the aaau server)", file=sys.stderr)
         return 2

@@ -217,16 +217,10 @@ class Peer:
         await self.stream.aclose()
 
 
-class ServerProc:
-    def __init__(self, process: trio.Process, socket_path: Path, log_dir: Path) -> None:
-        self.process = process
-        self.socket = socket_path
-        self.log_dir = log_dir
-        self.peers: list[Peer] = []
+class AuditView:
+    """Reading a server's audit log; the class says where it is (``audit_path``)."""
 
-    @property
-    def audit_path(self) -> Path:
-        return self.log_dir / "audit.jsonl"
+    audit_path: Path
 
     def audit(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -237,6 +231,15 @@ class ServerProc:
             for r in self.audit()
             if r["command_type"] == command_type and all(r.get(k) == v for k, v in match.items())
         ]
+
+
+class ServerProc(AuditView):
+    def __init__(self, process: trio.Process, socket_path: Path, log_dir: Path) -> None:
+        self.process = process
+        self.socket = socket_path
+        self.log_dir = log_dir
+        self.peers: list[Peer] = []
+        self.audit_path = log_dir / "audit.jsonl"
 
     async def peer(self, user: str, hello: m.ClientMessage | None = None, **kw: Any) -> Peer:
         peer = Peer(await connect_as(user, str(self.socket), **kw))

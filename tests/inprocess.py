@@ -10,7 +10,6 @@ its terminal, as the launcher does), with no setuid, PAM or cgroup.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from aaau.pty import set_winsize
 from aaau.sessions import Sessions
 from aaau.spawn import Agent, SpawnError, SpawnPlan
 
-from .helpers import Peer
+from .helpers import AuditView, Peer
 
 V = m.PROTOCOL_VERSION
 MEMBERS_GID, ADMINS_GID, AGENT_UID = 5000, 5001, 65534
@@ -101,7 +100,7 @@ def config(**overrides: Any) -> Config:
 
 
 @attrs.define
-class InProcess:
+class InProcess(AuditView):
     """A server's middle with memory clients; build it with :func:`open_in_process`."""
 
     hub: Hub
@@ -146,16 +145,6 @@ class InProcess:
     ) -> tuple[Peer, m.ServerMessage]:
         peer = await self.connect(user, m.Join(V, session_id, role), **kw)
         return peer, await peer.expect(m.Welcome | m.Error)
-
-    def audit(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
-
-    def records(self, command_type: str, **match: Any) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in self.audit()
-            if r["command_type"] == command_type and all(r.get(k) == v for k, v in match.items())
-        ]
 
 
 def open_in_process(tmp_path: Path, nursery: trio.Nursery, **overrides: Any) -> InProcess:
