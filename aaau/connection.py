@@ -19,6 +19,7 @@ only: the peer is told why, and the audit log records it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Final
 
@@ -179,8 +180,12 @@ class Connection:
         """Serve an attached client until it leaves, the session ends or it is cut off."""
         reason = "connection closed"
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_loop, att.outbox, nursery.cancel_scope)
-            nursery.start_soon(_hang_up_when_closed, att.outbox, nursery.cancel_scope)
+            scope = nursery.cancel_scope
+            nursery.start_soon(self._write_loop, att.outbox, scope)
+            # once the outbox is closed, the write loop has its grace to flush, no more
+            att.outbox.on_close = functools.partial(_flush_deadline, scope)
+            if att.outbox.closed:  # closed before we got here (the agent ended at once)
+                _flush_deadline(scope, att.outbox.flush_grace)
             try:
                 reason = await self._read_loop(Requests(session, att, self._hub.asys, nursery))
             except ProtocolError as exc:
@@ -219,7 +224,5 @@ class Connection:
             scope.cancel()
 
 
-async def _hang_up_when_closed(outbox: Outbox, scope: trio.CancelScope) -> None:
-    """Once the outbox is closed, the connection has its grace to flush, no more."""
-    await outbox.wait_closed()
-    scope.deadline = min(scope.deadline, trio.current_time() + outbox.flush_grace)
+def _flush_deadline(scope: trio.CancelScope, grace: float) -> None:
+    scope.deadline = min(scope.deadline, trio.current_time() + grace)

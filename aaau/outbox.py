@@ -63,7 +63,9 @@ class Outbox:
         self.overflowed = False
         self.flush_grace = FLUSH_GRACE
         self._lot = trio.lowlevel.ParkingLot()
-        self._closed_event = trio.Event()
+        #: called once, with the flush grace, when the outbox closes (the connection
+        #: sets a deadline for its write loop); no task waits for it
+        self.on_close: Callable[[float], None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -104,11 +106,9 @@ class Outbox:
         if not self._closed:
             self._closed = True
             self.flush_grace = flush_grace
-            self._closed_event.set()
             self._lot.unpark_all()
-
-    async def wait_closed(self) -> None:
-        await self._closed_event.wait()
+            if self.on_close is not None:
+                self.on_close(flush_grace)
 
     async def get(self) -> bytes | None:
         """Everything queued, as one piece; None once closed and drained.

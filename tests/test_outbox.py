@@ -97,8 +97,19 @@ async def test_closing_hands_over_what_is_queued_then_none() -> None:
     assert (box.closed, box.overflowed, box.flush_grace) == (True, False, 2.5)
     assert await box.get() == b"last words"
     assert await box.get() is None
-    with trio.fail_after(1):
-        await box.wait_closed()
+
+
+def test_closing_calls_the_hook_once_with_the_grace() -> None:
+    box = Outbox(100, None)
+    calls: list[float] = []
+    box.on_close = calls.append
+    box.close(flush_grace=3.0)
+    box.close(flush_grace=9.0)
+    assert calls == [3.0]
+    overflowing = Outbox(1, None)
+    overflowing.on_close = calls.append
+    overflowing.put(b"xx")
+    assert calls == [3.0, 1.0]
 
 
 async def test_a_waiting_write_loop_wakes_for_a_frame_and_for_close() -> None:
