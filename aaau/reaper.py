@@ -16,7 +16,10 @@ from pathlib import Path
 
 import trio
 
+#: how often /proc and cgroup.procs are looked at while waiting for processes to go
 _POLL = 0.02
+#: how long an emptied cgroup may take to become removable (the kernel empties it lazily)
+_RMDIR_WAIT = 2.0
 
 
 def cgroup2_mount() -> Path | None:
@@ -122,7 +125,7 @@ async def terminate(sid: int, cgroup: Path | None, grace: float) -> None:
 
 async def remove_cgroup(cgroup: Path) -> None:
     """Remove an emptied session cgroup (the kernel empties it asynchronously)."""
-    with trio.move_on_after(2):
+    with trio.move_on_after(_RMDIR_WAIT):
         while True:
             try:
                 cgroup.rmdir()  # noqa: ASYNC240 - cgroupfs, never blocks

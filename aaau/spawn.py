@@ -34,6 +34,8 @@ PROTECTED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "AAAU_SESSION_ID"
 
 #: How long the launcher may take to exec the agent (PAM included).
 _START_TIMEOUT = 15.0
+#: after the launcher reported an error, how long it may take to exit
+_FAILED_EXIT_WAIT = 5.0
 
 
 class SpawnError(Exception):
@@ -210,7 +212,7 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
         if key == "error":
             error = value
     if error is not None:
-        with trio.move_on_after(5):
+        with trio.move_on_after(_FAILED_EXIT_WAIT):
             await process.wait()
         if process.returncode is None:
             process.kill()

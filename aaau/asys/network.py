@@ -29,6 +29,9 @@ _ISOLATED = "isolated"
 _NFT_CGROUP_ROOT = Path("/sys/fs/cgroup")  # nft resolves cgroupv2 paths below this
 
 
+#: nft answers in milliseconds; one that hangs is a broken machine, not a slow one
+_NFT_TIMEOUT = 10.0
+
 @attrs.frozen
 class IsolateArgs:
     action: str = "isolate"  # or "restore"
@@ -42,7 +45,7 @@ def _nft() -> str:
 
 
 async def _run_nft(args: list[str], script: str | None = None) -> bytes:
-    with trio.fail_after(10):
+    with trio.fail_after(_NFT_TIMEOUT):
         result = await trio.run_process(
             [_nft(), *args],
             stdin=script.encode() if script else subprocess.DEVNULL,

@@ -14,6 +14,10 @@ from .. import procfs
 from .base import SW, AsysError, Context, Instruction, SessionScope
 from .system import session_pids
 
+#: after a signal, how long PROC_THROTTLE waits to see the process change state
+_STATE_WAIT = 1.0
+_STATE_POLL = 0.01
+
 
 @attrs.frozen
 class ThrottleArgs:
@@ -51,13 +55,13 @@ def _refuse_target(ctx: Context, scope: SessionScope, pid: int) -> None:
 async def _state_after(pid: int, want: set[str]) -> str:
     """The process state once the signal has landed (bounded wait)."""
     state = "?"
-    with trio.move_on_after(1):
+    with trio.move_on_after(_STATE_WAIT):
         while True:
             st = procfs.read_proc_stat(pid)
             state = st.state if st else "gone"
             if state in want or st is None:
                 break
-            await trio.sleep(0.01)
+            await trio.sleep(_STATE_POLL)
     return state
 
 
