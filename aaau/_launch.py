@@ -7,15 +7,20 @@ other fd closed. This keeps all Python code between fork and exec out of the
 
 1. takes the PTY as its controlling terminal (it is the session leader, so its
    process group becomes the terminal's foreground group);
-2. moves itself into the session's cgroup, if the server made one;
+2. moves itself into the session's cgroups (membership, caps);
 3. opens a PAM session for the agent user (service ``aaau``: pam_limits sets
-   the limits of this process, which the agent keeps across exec);
-4. drops to the agent user (initgroups, setgid, setuid; never root), enters
-   the working directory, closes every fd but 0-2, and execs argv with the
-   clean environment. The server is the agent's parent and reaps it.
+   the limits of this process, which the agent keeps across exec), then lowers
+   RLIMIT_NPROC and RLIMIT_NOFILE to the session's caps;
+4. builds the sandbox's mounts (:mod:`aaau._sandbox`: its own /tmp, /var/tmp,
+   /dev/shm and /proc);
+5. drops to the agent user (initgroups, setgid, setuid; never root), sets
+   no_new_privs and its Landlock scope, enters the working directory, closes
+   every fd but 0-2, and execs argv with the clean environment. The server is
+   the agent's parent and reaps it.
 
-Errors before the exec go to STATUS_FD as one line ``error:TEXT``; the fd is
-close-on-exec, so EOF with no error means the exec happened.
+Errors before the exec go to STATUS_FD as one line ``error:TEXT``; what was
+applied goes there as ``note:NAME=TEXT`` lines; the fd is close-on-exec, so EOF
+with no error means the exec happened.
 
 ``python -I -m aaau._launch close PLAN_FD`` closes the agent's PAM session
 once the agent has ended (the server runs it then): a new PAM transaction for
@@ -29,10 +34,13 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import signal
 import sys
 import termios
 from typing import Any, NoReturn
+
+from aaau import _sandbox
 
 _KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -45,6 +53,44 @@ def _fail(status_fd: int, message: str, pam_handle: Any = None) -> NoReturn:
         pam_handle.close_session()
         pam_handle.end()
     os._exit(127)
+
+
+def _note(status_fd: int, name: str, text: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(status_fd, f"note:{name}={text}\n".encode("utf-8", "replace"))
+
+
+def _lower_limits(plan: dict[str, Any], status_fd: int, pam_handle: Any) -> None:
+    """The session's caps, where they are lower than what PAM (limits.conf) set."""
+    for name, cap in plan.get("rlimits", {}).items():
+        which = getattr(resource, name)
+        soft, hard = resource.getrlimit(which)
+        infinite = resource.RLIM_INFINITY
+        hard = cap if hard == infinite else min(hard, cap)
+        soft = hard if soft == infinite else min(soft, hard)
+        try:
+            resource.setrlimit(which, (soft, hard))
+        except (OSError, ValueError) as exc:
+            _fail(status_fd, f"cannot set {name}: {exc}", pam_handle)
+        _note(status_fd, name.lower(), str(hard))
+
+
+def _private_mounts(plan: dict[str, Any], status_fd: int, pam_handle: Any) -> None:
+    box = plan.get("sandbox", {})
+    try:
+        _sandbox.private_mounts(
+            private_tmp=box.get("private_tmp", False),
+            hide_processes=box.get("hide_processes", False),
+        )
+    except OSError as exc:
+        _fail(
+            status_fd,
+            f"cannot build the agent's sandbox ({exc.strerror}); an admin can turn off "
+            "private_tmp or hide_processes in the server's config",
+            pam_handle,
+        )
+    _note(status_fd, "private_tmp", str(bool(box.get("private_tmp"))).lower())
+    _note(status_fd, "hide_processes", str(bool(box.get("hide_processes"))).lower())
 
 
 def _pam(plan: dict[str, Any]) -> tuple[Any, str | None]:
@@ -68,6 +114,11 @@ def _become_agent(plan: dict[str, Any], status_fd: int, pam_handle: Any) -> NoRe
         _fail(status_fd, f"cannot become user {plan['user']}: {exc.strerror}", pam_handle)
     if os.getuid() == 0 or os.geteuid() == 0 or os.getgid() == 0:
         _fail(status_fd, "refusing to run the agent as root", pam_handle)
+    if plan.get("sandbox", {}).get("confine"):
+        try:
+            _note(status_fd, "confine", _sandbox.confine())
+        except OSError as exc:
+            _fail(status_fd, f"cannot confine the agent: {exc.strerror}", pam_handle)
     try:
         os.chdir(plan["cwd"])
     except OSError as exc:
@@ -111,12 +162,12 @@ def launch(plan_fd: int, status_fd: int) -> NoReturn:
         _fail(status_fd, f"cannot take the terminal: {exc.strerror}")
     if plan["uid"] == 0 or plan["gid"] == 0:
         _fail(status_fd, "refusing to run the agent as root")
-    if plan.get("cgroup"):
+    for directory in plan.get("cgroups", ()):
         try:
-            with open(os.path.join(plan["cgroup"], "cgroup.procs"), "w") as procs:
+            with open(os.path.join(directory, "cgroup.procs"), "w") as procs:
                 procs.write(str(os.getpid()))
         except OSError as exc:
-            _fail(status_fd, f"cannot join cgroup {plan['cgroup']}: {exc.strerror}")
+            _fail(status_fd, f"cannot join cgroup {directory}: {exc.strerror}")
     handle, error = _pam(plan)
     if error is not None:
         _fail(status_fd, error)
@@ -125,6 +176,8 @@ def launch(plan_fd: int, status_fd: int) -> NoReturn:
             status_fd,
             f"PAM service {plan['pam_service']} could not open a session: {handle.reason}",
         )
+    _lower_limits(plan, status_fd, handle)
+    _private_mounts(plan, status_fd, handle)
     _become_agent(plan, status_fd, handle)
 
 

@@ -15,7 +15,7 @@ import structlog
 
 from . import client, provision
 from . import messages as m
-from .config import ConfigError, load
+from .config import ConfigError, IdentityMode, load
 from .terminal import window_size
 
 T = TypeVar("T")
@@ -47,8 +47,27 @@ def configure_logging(stream: Any = None) -> None:
 # --- aaau-server -----------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _layout_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--agent-user", help="the agent's system user (default: agent)")
+    p.add_argument(
+        "--agent-user",
+        help="the shared agent user, and the prefix of the pool users NAME-01 ... "
+        "(default: agent)",
+    )
+    p.add_argument(
+        "--agents",
+        type=_positive,
+        dest="agent_pool",
+        metavar="N",
+        help="how many pool users there are: one per member, or per session (default: 32)",
+    )
+    p.add_argument("--pam-service", help="the PAM service of agent sessions (default: aaau)")
     p.add_argument("--group", help="the group of people who may use agents (default: aaau)")
     p.add_argument("--admin-group", help="the admins' group (default: aaau-admin)")
     p.add_argument("--socket", help="the Unix socket (default: /run/aaau/aaau.sock)")
@@ -69,6 +88,17 @@ def _server_parser() -> argparse.ArgumentParser:
         "--daemon", action="store_true", help="go to the background once the socket is ready"
     )
     run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
+    run.add_argument(
+        "--identity",
+        type=IdentityMode,
+        choices=list(IdentityMode),
+        help="who agents run as: an agent user per member (default), per session, or one "
+        "shared by all (no isolation between members)",
+    )
+    run.add_argument("--state-dir", help="root's state: member bindings (default: /var/lib/aaau)")
+    run.add_argument(
+        "--cgroup-base", help="the sessions' cgroups go below this name (default: aaau)"
+    )
     limits = run.add_argument_group("limits (defaults in docs/operating.md)")
     for name, kind, text in (
         ("handshake-timeout", float, "seconds a new connection has to say hello"),
@@ -79,6 +109,9 @@ def _server_parser() -> argparse.ArgumentParser:
         ("scrollback-bytes", int, "output kept for late joiners"),
         ("client-queue-bytes", int, "unsent output before a client is dropped as too slow"),
         ("kill-grace", float, "seconds between SIGTERM and SIGKILL"),
+        ("session-pids-max", int, "processes in one session"),
+        ("session-memory-max", int, "bytes of memory for one session (0: no cap)"),
+        ("session-nofile", int, "open files per agent process"),
     ):
         limits.add_argument(f"--{name}", type=kind, help=text)
     run.add_argument(
@@ -105,6 +138,8 @@ def server_main(argv: list[str] | None = None) -> int:
                     "log_dir": args.log_dir,
                     "home": args.home,
                     "sysconf_dir": args.sysconf_dir,
+                    "agents": args.agent_pool,
+                    "pam_service": args.pam_service,
                 }.items()
                 if v is not None
             }
@@ -127,6 +162,14 @@ def _run_server(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in (
             "agent_user",
+            "agent_pool",
+            "pam_service",
+            "identity",
+            "state_dir",
+            "cgroup_base",
+            "session_pids_max",
+            "session_memory_max",
+            "session_nofile",
             "group",
             "admin_group",
             "socket",

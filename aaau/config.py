@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,33 @@ import cattrs
 from . import codec
 
 
+class IdentityMode(enum.StrEnum):
+    """Which user an agent runs as (see docs/operating.md, "Security model")."""
+
+    MEMBER = "member"  # one agent user per member, from the pool, kept across sessions
+    SESSION = "session"  # a fresh pool user per session, its home emptied at the end
+    SHARED = "shared"  # every session as agent_user: no isolation between members
+
+
 @attrs.frozen
 class Config:
     """Everything the server reads at start and again on SIGHUP.
 
-    ``agent_user``, ``socket`` and ``log_dir`` take effect at start only; the
-    limits, ``default_program`` and group names are re-read on SIGHUP.
+    ``agent_user``, ``identity``, ``agent_pool``, ``state_dir``, ``socket`` and
+    ``log_dir`` take effect at start only; the limits, ``default_program`` and
+    group names are re-read on SIGHUP.
     """
 
+    #: the shared agent user (identity "shared"), and the prefix of the pool users
+    #: ``{agent_user}-01`` ... that ``aaau-server init --agents N`` provisions
     agent_user: str = "agent"
+    identity: IdentityMode = attrs.field(default=IdentityMode.MEMBER, converter=IdentityMode)
+    #: how many pool users there are (init makes them; the server uses those that exist)
+    agent_pool: int = 32
+    #: root's own state: which member has which pool user (identities.json)
+    state_dir: str = "/var/lib/aaau"
+    #: sessions' cgroups live in ``<hierarchy>/<cgroup_base>/<session>``
+    cgroup_base: str = "aaau"
     group: str = "aaau"
     admin_group: str = "aaau-admin"
     socket: str = "/run/aaau/aaau.sock"
@@ -40,6 +59,17 @@ class Config:
     kill_grace: float = 2.0
     shutdown_grace: float = 5.0
     record_output: bool = True
+    #: per-session caps: processes (pids cgroup; RLIMIT_NPROC for the identity as a
+    #: backstop), memory in bytes (memory cgroup; 0: none), open files per process
+    session_pids_max: int = 512
+    session_memory_max: int = 4 << 30
+    session_nofile: int = 4096
+    #: the agent's sandbox: its own /tmp, /var/tmp and /dev/shm; a /proc that shows
+    #: only its identity's processes; no signals, ptrace or abstract-socket connects
+    #: out of its session (Landlock), no privilege gain (no_new_privs)
+    private_tmp: bool = True
+    hide_processes: bool = True
+    confine: bool = True
     #: ASys: services SVC_RESTART may restart (empty: SVC_RESTART is refused)
     svc_allowlist: tuple[str, ...] = ()
     #: ASys: instruction -> groups whose Interactive members may use it (Admins always may)
@@ -55,6 +85,9 @@ class Config:
                 "client gets the whole scrollback at once"
             )
         for name in (
+            "agent_pool",
+            "session_pids_max",
+            "session_nofile",
             "handshake_timeout",
             "max_frame",
             "clients_per_session",
@@ -65,6 +98,8 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.session_memory_max < 0:
+            raise ValueError("session_memory_max must be 0 (no cap) or positive")
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with every override that is not None applied."""

@@ -35,7 +35,7 @@ class Identity:
 class Groups:
     """The numeric ids the admission policy needs (None: no such group)."""
 
-    agent_uid: int | None
+    agent_uids: frozenset[int]  # every agent identity: the pool and the shared agent user
     human_gid: int | None
     admin_gid: int | None
 
@@ -50,8 +50,8 @@ def admit(identity: Identity, groups: Groups) -> Standing | Refusal:
 
     The agent user is always refused, whatever its groups.
     """
-    if groups.agent_uid is not None and identity.uid == groups.agent_uid:
-        return Refusal(f"user {identity.user} is the agent user and may not connect")
+    if identity.uid in groups.agent_uids:
+        return Refusal(f"user {identity.user} is an agent user and may not connect")
     if identity.uid == 0:
         return Standing.ADMIN
     if groups.admin_gid is not None and groups.admin_gid in identity.groups:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import attrs
 
+from .identities import pool_names
+
 PAM_SERVICE_TEXT = """\
 # aaau: the PAM session opened for every agent the aaau server starts.
 # Only root (the aaau server's launcher) can authenticate here; the session stack
@@ -44,10 +46,22 @@ class Layout:
     home: str | None = None
     sysconf_dir: str = "/etc"
     pam_service: str = "aaau"
+    #: pool users {agent_user}-01 ... (one per member, or per session; docs/operating.md)
+    agents: int = 32
 
     @property
     def agent_home(self) -> str:
         return self.home or f"/var/lib/aaau/{self.agent_user}"
+
+    @property
+    def pool(self) -> list[str]:
+        return pool_names(self.agent_user, self.agents)
+
+    def home_of(self, user: str) -> str:
+        """The shared agent user's home, or a pool user's beside it."""
+        if user == self.agent_user:
+            return self.agent_home
+        return os.path.join(os.path.dirname(self.agent_home), user)
 
 
 def _template(name: str) -> str:
@@ -59,25 +73,30 @@ def _template(name: str) -> str:
     raise InitError(f"cannot find the template {name}")
 
 
-def _render(text: str, substitute: Callable[[list[str]], list[str]]) -> str:
+def _render(text: str, substitute: Callable[[list[str]], list[list[str]]]) -> str:
+    """The template with each entry line replaced by the lines ``substitute`` makes of it."""
     out = []
     for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            line = " ".join(
-                shlex.quote(f) if f != "-" else f for f in substitute(shlex.split(line))
-            )
-        out.append(line)
+        if not line.strip() or line.lstrip().startswith("#"):
+            out.append(line)
+            continue
+        for fields in substitute(shlex.split(line)):
+            out.append(" ".join(shlex.quote(f) if f != "-" else f for f in fields))
     return "\n".join(out) + "\n"
 
 
 def render_sysusers(layout: Layout) -> str:
-    names = {"aaau": layout.group, "aaau-admin": layout.admin_group, "agent": layout.agent_user}
+    names = {"aaau": layout.group, "aaau-admin": layout.admin_group}
 
-    def sub(fields: list[str]) -> list[str]:
+    def sub(fields: list[str]) -> list[list[str]]:
+        if fields[0] == "u" and fields[1] == "agent":  # the shared agent user, then the pool
+            users = [layout.agent_user, *layout.pool]
+            return [
+                ["u", user, "-", f"aaau agent {user}", layout.home_of(user), *fields[5:]]
+                for user in users
+            ]
         fields[1] = names.get(fields[1], fields[1])
-        if fields[0] == "u" and len(fields) > 4:
-            fields[4] = layout.agent_home
-        return fields
+        return [fields]
 
     return _render(_template("sysusers.d/aaau.conf"), sub)
 
@@ -87,15 +106,19 @@ def render_tmpfiles(layout: Layout) -> str:
         "/run/aaau": os.path.dirname(layout.socket),
         "/var/log/aaau": layout.log_dir,
         "/var/lib/aaau": os.path.dirname(layout.agent_home),
-        "/var/lib/aaau/agent": layout.agent_home,
     }
-    names = {"aaau": layout.group, "aaau-admin": layout.admin_group, "agent": layout.agent_user}
+    names = {"aaau": layout.group, "aaau-admin": layout.admin_group}
 
-    def sub(fields: list[str]) -> list[str]:
+    def sub(fields: list[str]) -> list[list[str]]:
+        if fields[1] == "/var/lib/aaau/agent":  # a private home for every agent user
+            return [
+                [fields[0], layout.home_of(user), fields[2], user, user, *fields[5:]]
+                for user in [layout.agent_user, *layout.pool]
+            ]
         fields[1] = paths.get(fields[1], fields[1])
         fields[3] = names.get(fields[3], fields[3])
         fields[4] = names.get(fields[4], fields[4])
-        return fields
+        return [fields]
 
     return _render(_template("tmpfiles.d/aaau.conf"), sub)
 
@@ -117,22 +140,24 @@ def _exists_group(name: str) -> bool:
 
 
 def _check(layout: Layout) -> None:
-    if len({layout.agent_user, layout.group, layout.admin_group}) != 3:
+    agents = [layout.agent_user, *layout.pool]
+    if len({*agents, layout.group, layout.admin_group}) != len(agents) + 2:
         raise InitError(
-            "the agent user, the group and the admin group need three different names "
-            "(the agent user's own group is named after it)"
+            "the agent users, the group and the admin group need different names "
+            "(each agent user's own group is named after it)"
         )
-    if _exists_user(layout.agent_user):
-        pw = pwd.getpwnam(layout.agent_user)
+    for user in agents:
+        if not _exists_user(user):
+            continue
+        pw = pwd.getpwnam(user)
         if pw.pw_uid == 0 or pw.pw_gid == 0:
-            raise InitError(f"user {layout.agent_user} is root: choose an unprivileged agent user")
+            raise InitError(f"user {user} is root: choose an unprivileged agent user")
         gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
         for name in (layout.group, layout.admin_group):
             if _exists_group(name) and grp.getgrnam(name).gr_gid in gids:
                 raise InitError(
-                    f"user {layout.agent_user} is a member of {name}: the agent user must never "
-                    f"be in the human or admin group (remove it: gpasswd -d {layout.agent_user} "
-                    f"{name})"
+                    f"user {user} is a member of {name}: an agent user must never be in the "
+                    f"human or admin group (remove it: gpasswd -d {user} {name})"
                 )
 
 
@@ -150,22 +175,23 @@ def _apply_sysusers(layout: Layout, conf: Path) -> None:
     for name in (layout.group, layout.admin_group):
         if not _exists_group(name):
             _run(["groupadd", "--system", name])
-    if not _exists_user(layout.agent_user):
-        _run(
-            [
-                "useradd",
-                "--system",
-                "--user-group",
-                "--home-dir",
-                layout.agent_home,
-                "--no-create-home",
-                "--shell",
-                "/bin/bash",
-                "--comment",
-                "aaau agent",
-                layout.agent_user,
-            ]
-        )
+    for user in (layout.agent_user, *layout.pool):
+        if not _exists_user(user):
+            _run(
+                [
+                    "useradd",
+                    "--system",
+                    "--user-group",
+                    "--home-dir",
+                    layout.home_of(user),
+                    "--no-create-home",
+                    "--shell",
+                    "/bin/bash",
+                    "--comment",
+                    f"aaau agent {user}",
+                    user,
+                ]
+            )
 
 
 def _apply_tmpfiles(text: str, conf: Path) -> None:
@@ -199,10 +225,12 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
     if os.geteuid() != 0:
         raise InitError("aaau-server init must be run as root")
     _check(layout)
+    pool = layout.pool
     before = {
         f"group {layout.group}": _exists_group(layout.group),
         f"group {layout.admin_group}": _exists_group(layout.admin_group),
         f"user {layout.agent_user}": _exists_user(layout.agent_user),
+        f"agent users {pool[0]} ... {pool[-1]}": all(map(_exists_user, pool)),
     }
     dirs = [os.path.dirname(layout.socket), layout.log_dir, layout.agent_home]
     before.update({f"directory {d}": os.path.isdir(d) for d in dirs})

@@ -24,12 +24,23 @@ from .audit import AuditLog
 from .config import Config, load
 from .connection import Connection, Hub
 from .errors import StartupError
+from .identities import Identities
 from .listener import listen
 from .sessions import Sessions
 from .spawn import Spawner
 
 log = structlog.get_logger("aaau.server")
 
+#: settings that only a restart changes (SIGHUP keeps the running values)
+RESTART_ONLY: Final = (
+    "agent_user",
+    "identity",
+    "agent_pool",
+    "state_dir",
+    "cgroup_base",
+    "socket",
+    "log_dir",
+)
 #: after the sessions ended (or their deadline passed), how long connections
 #: get to deliver their last frames before they are cancelled
 CONNECTION_DRAIN: Final = 1.0
@@ -60,10 +71,19 @@ class Server:
         if os.geteuid() != 0:
             raise StartupError("aaau-server run must be started as root")
         cfg = self.config
-        groups = credentials.resolve_groups(cfg.agent_user, cfg.group, cfg.admin_group)
-        credentials.agent_account(cfg.agent_user, groups, cfg.group)
+        identities = Identities(cfg)
+        groups = credentials.resolve_groups(identities.agent_uids(), cfg.group, cfg.admin_group)
+        identities.check(groups)
         audit = AuditLog.open_in(cfg.log_dir, gid=groups.admin_gid)
         listener, lock = await listen(cfg.socket, groups.human_gid or 0)
+        try:
+            identities.lock()
+        except BaseException:
+            listener.socket.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.socket)
+            lock.release()
+            raise
         pid = os.getpid()
         audit.write(
             "server_start",
@@ -73,8 +93,12 @@ class Server:
         log.info("listening", socket=cfg.socket, pid=pid)
         sessions: Sessions | None = None
         try:
+            if wiped := await identities.recover():
+                audit.write("identities_reset", content=" ".join(wiped))
             async with trio.open_nursery() as sessions_nursery:
-                sessions = Sessions(cfg, audit, sessions_nursery, spawner=self._spawner)
+                sessions = Sessions(
+                    cfg, audit, sessions_nursery, identities, spawner=self._spawner
+                )
                 scope = asys.ServerScope(cfg, audit, sessions_nursery)
                 self._hub = Hub(cfg, groups, audit, sessions, scope)
                 await sessions_nursery.start(scope.status.run)
@@ -88,6 +112,7 @@ class Server:
                 if self._shutdown.is_set():
                     os.unlink(cfg.socket)
             lock.release()
+            identities.unlock()
             audit.write(
                 "server_stop",
                 content=f"pid {pid}",
@@ -149,13 +174,13 @@ class Server:
             log.error("reload-failed", error=str(exc))
             hub.audit.write("reload_failed", content=str(exc))
             return
-        # the socket, agent user and log directory only change on restart
+        # the socket, the agent users and the directories only change on restart
         cfg = fresh.with_overrides(
-            agent_user=self.config.agent_user,
-            socket=self.config.socket,
-            log_dir=self.config.log_dir,
+            **{name: getattr(self.config, name) for name in RESTART_ONLY},
         )
-        groups = credentials.resolve_groups(cfg.agent_user, cfg.group, cfg.admin_group)
+        groups = credentials.resolve_groups(
+            hub.sessions.agent_uids(), cfg.group, cfg.admin_group
+        )
         hub.audit.reopen(gid=groups.admin_gid)
         self.config = hub.config = hub.asys.config = cfg
         hub.groups = groups

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -73,7 +73,7 @@ class Session:
         config: Config,
         audit: AuditLog,
         spawner: Spawner,
-        on_end: Callable[[Session], None],
+        on_end: Callable[[Session], Awaitable[None]],
     ) -> None:
         self.id = session_id
         self.creator = creator
@@ -126,7 +126,7 @@ class Session:
         self._agent = agent
         self._pty = PtyMaster(agent.master_fd)
         self._input = PtyInput(self._pty)
-        self.asys = asys.session_scope(self.id, plan.uid, agent.pid, agent.cgroup)
+        self.asys = asys.session_scope(self.id, plan.uid, agent.pid, agent.cgroups)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -161,7 +161,7 @@ class Session:
     async def _end_processes(self, agent: Agent) -> None:
         """Resume what ASys stopped, lift isolation, end whatever the agent left behind."""
         await self.asys.close()
-        await reaper.terminate(agent.pid, agent.cgroup, self.config.kill_grace)
+        await reaper.terminate(agent.pid, agent.cgroups, self.config.kill_grace)
 
     async def _finish(self, agent: Agent) -> None:
         """Tell everyone how the agent ended, hang up, give everything back."""
@@ -186,7 +186,7 @@ class Session:
         await self._pty.aclose()
         await self._spawner.release(agent)
         self.state = SessionState.ENDED
-        self._on_end(self)
+        await self._on_end(self)
         self._ended.set()
 
     # --- output ------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Session:
         self.state = SessionState.KILLING
         self.killed_by = by
         self._nursery.start_soon(
-            reaper.terminate, self._agent.pid, self._agent.cgroup, self.config.kill_grace
+            reaper.terminate, self._agent.pid, self._agent.cgroups, self.config.kill_grace
         )
 
     def info(self) -> m.SessionInfo:
@@ -303,7 +303,8 @@ def _start_metadata(agent: Agent, shared: bool, rows: int, cols: int) -> dict[st
         "shared": shared,
         "rows": rows,
         "cols": cols,
-        "cgroup": str(agent.cgroup) if agent.cgroup else None,
+        "cgroup": str(agent.cgroups.v2) if agent.cgroups and agent.cgroups.v2 else None,
+        "sandbox": agent.notes,
     }
 
 

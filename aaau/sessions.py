@@ -7,7 +7,6 @@ forgets itself when it has ended.
 
 from __future__ import annotations
 
-import pwd
 import secrets
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -20,6 +19,7 @@ from . import messages as m
 from .audit import AuditLog
 from .config import Config
 from .errors import ErrorCode, RequestError
+from .identities import Account, Identities
 from .members import Attachment, Members
 from .outbox import Outbox
 from .policy import Groups, Identity, Refusal, Standing
@@ -36,14 +36,21 @@ class Sessions:
         config: Config,
         audit: AuditLog,
         nursery: trio.Nursery,
+        identities: Identities,
         *,
         spawner: spawn.Spawner | None = None,
     ) -> None:
         self.config = config
         self._audit = audit
         self._nursery = nursery
-        self._spawner = spawner or spawn.Launcher()
+        self._identities = identities
+        self._spawner = spawner or spawn.Launcher(config.cgroup_base)
         self._sessions: dict[str, Session] = {}
+        self._accounts: dict[str, Account] = {}  # session id -> the agent user it runs as
+
+    def agent_uids(self) -> frozenset[int]:
+        """Every agent user's uid (they are refused at the socket), as the database says now."""
+        return self._identities.agent_uids()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -76,14 +83,10 @@ class Sessions:
                 code=ErrorCode.LIMIT,
             )
 
-    def _plan(self, session_id: str, req: m.Create) -> spawn.SpawnPlan:
-        try:
-            agent = pwd.getpwnam(self.config.agent_user)
-        except KeyError:
-            raise spawn.SpawnError(f"agent user {self.config.agent_user} does not exist") from None
+    def _plan(self, session_id: str, req: m.Create, account: Account) -> spawn.SpawnPlan:
         return spawn.plan(
             self.config,
-            agent,
+            account,
             session_id=session_id,
             argv=req.argv,
             term=req.term,
@@ -98,9 +101,11 @@ class Sessions:
         self._check_limits(identity)
         session_id = secrets.token_urlsafe(16)
         audit = self._audit.bind(user=identity.user, uid=identity.uid, session_id=session_id)
+        account = self._identities.acquire(identity, session_id)
         try:
-            plan = self._plan(session_id, req)
+            plan = self._plan(session_id, req, account)
         except spawn.SpawnError as exc:
+            await self._identities.release(account)
             raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
         session = Session(
             session_id,
@@ -112,28 +117,36 @@ class Sessions:
             config=self.config,
             audit=self._audit,
             spawner=self._spawner,
-            on_end=self._forget,
+            on_end=self._ended,
         )
         # registered before it starts: the limits count it, and an agent that ends
         # at once takes it out again (list and join skip what is not alive)
         self._sessions[session_id] = session
+        self._accounts[session_id] = account
         try:
-            try:
-                att: Attachment = await self._nursery.start(
-                    partial(session.run, plan, (standing, outbox))
-                )
-            except OSError as exc:  # openpty, pipes, fds: the machine refused, say so
-                raise spawn.SpawnError(f"cannot start the agent: {exc.strerror or exc}") from exc
-        except spawn.SpawnError as exc:
+            att: Attachment = await self._nursery.start(
+                partial(session.run, plan, (standing, outbox))
+            )
+        except BaseException as exc:
             self._sessions.pop(session_id, None)
+            with trio.CancelScope(shield=True):
+                await self._identities.release(self._accounts.pop(session_id))
+            if isinstance(exc, OSError):  # openpty, pipes, fds: the machine refused, say so
+                exc = spawn.SpawnError(f"cannot start the agent: {exc.strerror or exc}")
+            if not isinstance(exc, spawn.SpawnError):
+                raise
             audit.write("spawn_failed", content=str(exc), metadata={"argv": list(plan.argv)})
             raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
         log.info("session-started", session_id=session_id, user=identity.user)
         return session, att
 
-    def _forget(self, session: Session) -> None:
+    async def _ended(self, session: Session) -> None:
+        """The session is over and its processes gone: forget it, give its account back."""
         self._sessions.pop(session.id, None)
         log.info("session-ended", session_id=session.id, status=str(session.exit_status))
+        account = self._accounts.pop(session.id, None)
+        if account is not None:
+            await self._identities.release(account)
 
     def reload(self, config: Config, groups: Groups, identify: Identify) -> None:
         """New limits for every session; every client's right to be attached re-checked."""

@@ -1,13 +1,14 @@
 """Starting the agent on a fresh PTY under its own user.
 
-:func:`plan` is pure: it turns a request and the agent's passwd entry into a
-:class:`SpawnPlan` (argv, clean environment, ids, cwd). :class:`Launcher`
-(the server's :class:`Spawner`) makes the session's cgroup, opens the PTY,
+:func:`plan` is pure: it turns a request and the agent's account into a
+:class:`SpawnPlan` (argv, clean environment, ids, cwd, caps, sandbox).
+:class:`Launcher` (the server's :class:`Spawner`) makes the session's cgroups
+with their caps (:mod:`aaau.cgroups`), opens the PTY,
 hands the slave to the agent user, and starts :mod:`aaau._launch` through
 :func:`trio.lowlevel.open_process` with an empty environment and every other
 fd closed; the privilege drop, PAM session and exec happen there. When the
 agent has ended, :meth:`Launcher.release` closes its PAM session and removes
-its cgroup.
+its cgroups.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
 import subprocess
 import sys
-from pathlib import Path
 from typing import Protocol
 
 import attrs
 import trio
 
-from . import reaper
-from .config import Config
+from . import cgroups
+from .cgroups import SessionCgroups
+from .config import Config, IdentityMode
+from .identities import Account
 from .pty import set_winsize
 
 #: Variables a client's ``-e`` may not override: they say who the agent is.
@@ -52,7 +53,15 @@ class SpawnPlan:
     cwd: str
     env: dict[str, str]
     pam_service: str
-    cgroup: str | None = None
+    #: caps of the session's cgroups (None: no cap)
+    pids_max: int | None = None
+    memory_max: int | None = None
+    #: rlimits the launcher sets (lowered only: limits.conf may ask for less)
+    rlimits: dict[str, int] = attrs.field(factory=dict)
+    #: the sandbox: private_tmp, hide_processes, confine
+    sandbox: dict[str, bool] = attrs.field(factory=dict)
+    #: the cgroup directories the launcher joins (the Launcher fills them in)
+    cgroups: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -64,7 +73,9 @@ class Agent:
     pty: str
     pid: int
     plan: SpawnPlan
-    cgroup: Path | None = None
+    cgroups: SessionCgroups | None = None
+    #: what the launcher reports it applied (the sandbox, the limits)
+    notes: dict[str, str] = attrs.field(factory=dict)
 
 
 class Spawner(Protocol):
@@ -76,28 +87,46 @@ class Spawner(Protocol):
 
 
 class Launcher:
-    """The server's spawner: a cgroup per session, the launcher, PAM."""
+    """The server's spawner: cgroups with caps per session, the launcher, PAM."""
+
+    def __init__(self, cgroup_base: str = "aaau") -> None:
+        self.cgroup_base = cgroup_base
+        self.hierarchies = cgroups.Hierarchies.discover()
 
     async def start(self, plan: SpawnPlan, *, rows: int, cols: int) -> Agent:
-        cgroup = reaper.make_session_cgroup(plan.env["AAAU_SESSION_ID"])
-        plan = attrs.evolve(plan, cgroup=str(cgroup) if cgroup is not None else None)
+        caps = cgroups.Caps(pids_max=plan.pids_max, memory_max=plan.memory_max)
+        made = cgroups.create(
+            self.cgroup_base, plan.env["AAAU_SESSION_ID"], caps, self.hierarchies
+        )
+        plan = attrs.evolve(plan, cgroups=tuple(str(d) for d in made.dirs))
         try:
-            return attrs.evolve(await spawn(plan, rows=rows, cols=cols), cgroup=cgroup)
+            agent = await spawn(plan, rows=rows, cols=cols)
         except BaseException:
-            if cgroup is not None:
-                with trio.CancelScope(shield=True):
-                    await reaper.remove_cgroup(cgroup)
+            with trio.CancelScope(shield=True):
+                await made.remove()
             raise
+        notes = {**agent.notes, **{f"cap_{k}": v for k, v in made.enforced.items()}}
+        return attrs.evolve(agent, cgroups=made, notes=notes)
 
     async def release(self, agent: Agent) -> None:
-        if agent.cgroup is not None:
-            await reaper.remove_cgroup(agent.cgroup)
+        if agent.cgroups is not None:
+            await agent.cgroups.remove()
         await close_pam_session(agent.plan)
+
+
+def _nproc(config: Config) -> int:
+    """RLIMIT_NPROC counts every process of the agent user, in all its sessions."""
+    sessions = {
+        IdentityMode.SESSION: 1,
+        IdentityMode.MEMBER: config.sessions_per_user,
+        IdentityMode.SHARED: config.max_sessions,
+    }[config.identity]
+    return config.session_pids_max * sessions
 
 
 def plan(
     config: Config,
-    agent: pwd.struct_passwd,
+    account: Account,
     *,
     session_id: str,
     argv: tuple[str, ...] | None,
@@ -106,9 +135,9 @@ def plan(
     extra_env: dict[str, str],
 ) -> SpawnPlan:
     """What to run and how, built from scratch: nothing of the server's environment."""
-    if agent.pw_uid == 0 or agent.pw_gid == 0:
-        raise SpawnError(f"agent user {agent.pw_name} is root: refusing to run agents")
-    shell = agent.pw_shell or "/bin/sh"
+    if account.uid == 0 or account.gid == 0:
+        raise SpawnError(f"agent user {account.user} is root: refusing to run agents")
+    shell = account.shell or "/bin/sh"
     if argv is None:
         argv = config.default_program or None
     full_argv: tuple[str, ...]
@@ -122,22 +151,30 @@ def plan(
         raise SpawnError(f"environment variables may not be set by a client: {', '.join(bad)}")
     env = {"PATH": config.path, "LANG": config.lang, **extra_env}
     env.update(
-        HOME=agent.pw_dir,
-        USER=agent.pw_name,
-        LOGNAME=agent.pw_name,
+        HOME=account.home,
+        USER=account.user,
+        LOGNAME=account.user,
         SHELL=shell,
         TERM=term,
         AAAU_SESSION_ID=session_id,
     )
     return SpawnPlan(
-        user=agent.pw_name,
-        uid=agent.pw_uid,
-        gid=agent.pw_gid,
+        user=account.user,
+        uid=account.uid,
+        gid=account.gid,
         executable=executable,
         argv=full_argv,
-        cwd=cwd or agent.pw_dir,
+        cwd=cwd or account.home,
         env=env,
         pam_service=config.pam_service,
+        pids_max=config.session_pids_max,
+        memory_max=config.session_memory_max or None,
+        rlimits={"RLIMIT_NPROC": _nproc(config), "RLIMIT_NOFILE": config.session_nofile},
+        sandbox={
+            "private_tmp": config.private_tmp,
+            "hide_processes": config.hide_processes,
+            "confine": config.confine,
+        },
     )
 
 
@@ -206,11 +243,14 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
         process.kill()
         os.close(master)
         raise
-    error = None
+    error, notes = None, {}
     for line in status.decode("utf-8", "replace").splitlines():
         key, _, value = line.partition(":")
         if key == "error":
             error = value
+        elif key == "note":
+            name, _, text = value.partition("=")
+            notes[name] = text
     if error is not None:
         with trio.move_on_after(_FAILED_EXIT_WAIT):
             await process.wait()
@@ -218,7 +258,9 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
             process.kill()
         os.close(master)
         raise SpawnError(error)
-    return Agent(process=process, master_fd=master, pty=pty, pid=process.pid, plan=p)
+    return Agent(
+        process=process, master_fd=master, pty=pty, pid=process.pid, plan=p, notes=notes
+    )
 
 
 async def close_pam_session(p: SpawnPlan) -> None:

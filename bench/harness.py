@@ -27,12 +27,19 @@ import trio.lowlevel
 
 from aaau import codec
 from aaau import messages as m
+from aaau.cgroups import Hierarchies
 from aaau.framing import FramedStream
 from aaau.protocol import Kind, data_frame
 
 PY = sys.executable
 AGENT, GROUP, ADMIN_GROUP = "aaub-agent", "aaub-users", "aaub-admins"
 NAMES = ["--agent-user", AGENT, "--group", GROUP, "--admin-group", ADMIN_GROUP]
+#: the benchmark's own pool, homes and PAM service; remove_accounts() takes them away
+POOL = [f"{AGENT}-{n:02d}" for n in range(1, 5)]
+HOMES = Path("/var/lib/aaub")
+PAM_SERVICE = "aaub"
+#: what this build understands beyond a baseline build's options (earlier ones lack them)
+NEW_INIT = ["--agents", str(len(POOL)), "--pam-service", PAM_SERVICE]
 
 
 MARK = b"AAAU-BENCH-READY"
@@ -293,10 +300,10 @@ class AaauServer:
         return self.process.pid
 
 
-def prepare_accounts(base: Path) -> None:
+def prepare_accounts(base: Path, python: str = PY) -> None:
     subprocess.run(
         [
-            PY,
+            python,
             "-m",
             "aaau",
             "server",
@@ -307,9 +314,10 @@ def prepare_accounts(base: Path) -> None:
             "--log-dir",
             str(base / "init-log"),
             "--home",
-            f"/var/lib/{AGENT}",
+            str(HOMES / AGENT),
             "--sysconf-dir",
             str(base / "etc"),
+            *(NEW_INIT if python == PY else []),
         ],
         check=True,
         capture_output=True,
@@ -322,7 +330,7 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
     """A real server; ``python`` picks the installation (another one: a baseline build)."""
     base = Path(tempfile.mkdtemp(prefix="aaau-bench-", dir="/tmp"))
     base.chmod(0o755)
-    prepare_accounts(base)
+    prepare_accounts(base, python)
     sock, log_dir = base / "run" / "aaau.sock", base / "log"
     r, w = os.pipe()
     process = subprocess.Popen(
@@ -345,6 +353,18 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
             "1000",
             "--clients-per-session",
             "100",
+            *(
+                [
+                    "--pam-service",
+                    PAM_SERVICE,
+                    "--state-dir",
+                    str(base / "state"),
+                    "--cgroup-base",
+                    PAM_SERVICE,
+                ]
+                if python == PY
+                else []
+            ),
             *extra,
         ],
         pass_fds=(w,),
@@ -362,6 +382,23 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def remove_accounts() -> None:
+    """Every user, group, home and PAM file the benchmark brought (a baseline build's too)."""
+    users = [AGENT, *POOL]
+    for user in users:
+        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True, check=False)
+    for user in users:
+        subprocess.run(["userdel", "--force", user], capture_output=True, check=False)
+    for group in (GROUP, ADMIN_GROUP, *users):
+        subprocess.run(["groupdel", group], capture_output=True, check=False)
+    shutil.rmtree(HOMES, ignore_errors=True)
+    Path(f"/etc/pam.d/{PAM_SERVICE}").unlink(missing_ok=True)
+    where = Hierarchies.discover()
+    for mount in [where.v2, *where.v1.values()]:
+        if mount is not None and (mount / PAM_SERVICE).is_dir():
+            (mount / PAM_SERVICE).rmdir()
 
 
 class Client:

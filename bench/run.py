@@ -341,7 +341,14 @@ def cli() -> int:
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    results = trio.run(main, args)
+    baseline_pam = Path("/etc/pam.d/aaau")
+    had_baseline_pam = baseline_pam.exists()
+    try:
+        results = trio.run(main, args)
+    finally:
+        h.remove_accounts()
+        if BASELINE is not None and not had_baseline_pam:
+            baseline_pam.unlink(missing_ok=True)  # the baseline build's init wrote it
     print(json.dumps(results, indent=2) if args.json else report(results))
     return 0
 

@@ -28,7 +28,22 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import USERS, ServerFactory, ServerProc, init_argv, server_argv
+from aaau.cgroups import Hierarchies
+
+from .helpers import (
+    ADMIN_GROUP,
+    AGENT,
+    CGROUP_BASE,
+    GROUP,
+    HOMES,
+    PAM_SERVICE,
+    POOL,
+    USERS,
+    ServerFactory,
+    ServerProc,
+    init_argv,
+    server_argv,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -46,29 +61,64 @@ def _run(argv: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def base_dir() -> Iterator[Path]:
-    """A scratch directory every test user can traverse (tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="aaau-test-", dir="/tmp"))
+    """A scratch directory every test user can traverse (tmp_path is root-only).
+
+    Not under /tmp: each agent has a /tmp of its own, and must see these files.
+    """
+    path = Path(tempfile.mkdtemp(prefix="aaut-test-", dir="/var/lib"))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def accounts(base_dir: Path) -> dict[str, Any]:
-    """The test agent user and groups (via the real init), and the human test users."""
+def accounts(base_dir: Path) -> Iterator[dict[str, Any]]:
+    """The test agent users and groups (via the real init), and the human test users.
+
+    All of them, their homes and the test PAM service are removed at the end.
+    """
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    result = subprocess.run(
-        init_argv(base_dir), capture_output=True, text=True, cwd="/", check=False
-    )
-    assert result.returncode == 0, result.stderr
-    for user, groups in USERS.items():
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            _run(["useradd", "--no-create-home", "--shell", "/bin/sh", user])
-        _run(["usermod", "-G", ",".join(groups), user] if groups else ["usermod", "-G", "", user])
-    return {"init_output": result.stdout}
+    try:
+        result = subprocess.run(
+            init_argv(base_dir), capture_output=True, text=True, cwd="/", check=False
+        )
+        assert result.returncode == 0, result.stderr
+        for user, groups in USERS.items():
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                _run(["useradd", "--no-create-home", "--shell", "/bin/sh", user])
+            groups_arg = ",".join(groups)
+            _run(["usermod", "-G", groups_arg, user])
+        yield {"init_output": result.stdout}
+    finally:
+        remove_test_accounts()
+
+
+def remove_test_accounts() -> None:
+    """Every user, group, home and file the test accounts brought to the machine."""
+    users = [*USERS, AGENT, *POOL]
+    for user in users:
+        subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True, check=False)
+    for user in users:
+        subprocess.run(["userdel", "--force", user], capture_output=True, check=False)
+    for group in (GROUP, ADMIN_GROUP, AGENT, *POOL):
+        subprocess.run(["groupdel", group], capture_output=True, check=False)
+    shutil.rmtree(HOMES, ignore_errors=True)
+    Path(f"/etc/pam.d/{PAM_SERVICE}").unlink(missing_ok=True)
+    remove_cgroup_base(CGROUP_BASE)
+
+
+def remove_cgroup_base(base: str) -> None:
+    """The tests' cgroup base in every hierarchy (the sessions' cgroups are gone by now)."""
+    where = Hierarchies.discover()
+    for mount in [where.v2, *where.v1.values()]:
+        if mount is not None and (mount / base).is_dir():
+            for child in (mount / base).iterdir():
+                if child.is_dir():
+                    child.rmdir()
+            (mount / base).rmdir()
 
 
 # --- the server -------------------------------------------------------------------------------

@@ -39,7 +39,25 @@ USERS = {ALICE: [GROUP], BOB: [GROUP], EVE: [], ADA: [GROUP, ADMIN_GROUP]}
 root = pytest.mark.root
 
 
-NAMES = ["--agent-user", AGENT, "--group", GROUP, "--admin-group", ADMIN_GROUP]
+#: pool users AGENT-01 ... AGENT-06 (one per member, or per session)
+POOL_SIZE = 6
+POOL = [f"{AGENT}-{n:02d}" for n in range(1, POOL_SIZE + 1)]
+#: the agent homes' parent, and the PAM service: the tests' own, never the real ones
+HOMES = Path(f"/var/lib/{PREFIX}")
+PAM_SERVICE = PREFIX
+CGROUP_BASE = PREFIX
+NAMES = [
+    "--agent-user",
+    AGENT,
+    "--agents",
+    str(POOL_SIZE),
+    "--group",
+    GROUP,
+    "--admin-group",
+    ADMIN_GROUP,
+    "--pam-service",
+    PAM_SERVICE,
+]
 
 
 def init_argv(base_dir: Path, sysconf: str = "etc") -> list[str]:
@@ -56,14 +74,14 @@ def init_argv(base_dir: Path, sysconf: str = "etc") -> list[str]:
         "--log-dir",
         str(base_dir / "init-log"),
         "--home",
-        f"/var/lib/{AGENT}",
+        str(HOMES / AGENT),
         "--sysconf-dir",
         str(base_dir / sysconf),
     ]
 
 
 def server_argv(sock: Path | str, log_dir: Path | str, *extra: str) -> list[str]:
-    """``aaau-server run`` for the test accounts."""
+    """``aaau-server run`` for the test accounts; every test server shares one state dir."""
     return [
         PY,
         "-m",
@@ -75,6 +93,10 @@ def server_argv(sock: Path | str, log_dir: Path | str, *extra: str) -> list[str]
         str(sock),
         "--log-dir",
         str(log_dir),
+        "--state-dir",
+        str(Path(log_dir).parent / "state"),
+        "--cgroup-base",
+        CGROUP_BASE,
         *extra,
     ]
 
@@ -240,6 +262,16 @@ class ServerProc(AuditView):
         self.log_dir = log_dir
         self.peers: list[Peer] = []
         self.audit_path = log_dir / "audit.jsonl"
+
+    def agent_user(self, session_id: str) -> str:
+        """The agent user a session runs as (from its ``session_start`` record)."""
+        (start,) = self.records("session_start", session_id=session_id)
+        return str(start["metadata"]["agent_user"])
+
+    def bound_agent(self, member: str) -> str:
+        """The pool user bound to ``member`` (from the server's state file)."""
+        state = json.loads((self.log_dir.parent / "state" / "identities.json").read_text())
+        return str(state["members"][str(account(member)[0])])
 
     async def peer(self, user: str, hello: m.ClientMessage | None = None, **kw: Any) -> Peer:
         peer = Peer(await connect_as(user, str(self.socket), **kw))

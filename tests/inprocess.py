@@ -23,8 +23,9 @@ import trio.testing
 from aaau import asys, credentials
 from aaau import messages as m
 from aaau.audit import AuditLog
-from aaau.config import Config
+from aaau.config import Config, IdentityMode
 from aaau.connection import Connection, Hub
+from aaau.identities import Identities
 from aaau.policy import Groups, Identity
 from aaau.pty import set_winsize
 from aaau.sessions import Sessions
@@ -91,6 +92,7 @@ def config(**overrides: Any) -> Config:
     """Small limits and graces, so a test's worst case is short."""
     base: dict[str, Any] = {
         "agent_user": "nobody",
+        "identity": IdentityMode.SHARED,
         "kill_grace": 0.3,
         "shutdown_grace": 1.0,
         "scrollback_bytes": 16 * 1024,
@@ -152,8 +154,8 @@ def open_in_process(tmp_path: Path, nursery: trio.Nursery, **overrides: Any) -> 
     audit_path = tmp_path / "audit.jsonl"
     audit = AuditLog(str(audit_path))
     spawner = LocalSpawner()
-    sessions = Sessions(cfg, audit, nursery, spawner=spawner)
-    groups = Groups(agent_uid=AGENT_UID, human_gid=MEMBERS_GID, admin_gid=ADMINS_GID)
+    sessions = Sessions(cfg, audit, nursery, Identities(cfg), spawner=spawner)
+    groups = Groups(agent_uids=frozenset({AGENT_UID}), human_gid=MEMBERS_GID, admin_gid=ADMINS_GID)
     hub = Hub(cfg, groups, audit, sessions, asys.ServerScope(cfg, audit, nursery))
     ip = InProcess(hub, nursery, audit_path, spawner)
     hub.identify = identify_fake

@@ -19,7 +19,6 @@ from aaau import messages as m
 
 from .helpers import (
     ADA,
-    AGENT,
     ALICE,
     BOB,
     GROUP,
@@ -142,7 +141,7 @@ async def test_ooda_loop_find_the_hog_stop_it_resume_it(server: ServerProc) -> N
     assert result.result is not None
     top = result.result["procs"][0]
     assert top["pid"] == pid and top["this_session"] and top["cpu_pct"] > 30
-    assert top["uid"] == account(AGENT)[0]
+    assert top["uid"] == account(server.agent_user(welcome.session_id))[0]
     ada, _ = await server.join(ADA, welcome.session_id)
     assert (await ask(ada, "PROC_THROTTLE", pid=pid, action="stop")).sw == "9000"
     assert _state(pid) == "T"
@@ -213,17 +212,19 @@ async def test_throttle_stops_and_continues_only_this_sessions_agent(
 async def test_throttle_refuses_another_sessions_agent(server: ServerProc) -> None:
     alice, _ = await server.create(ALICE, ("sh", "-c", "echo mine=$$; exec sleep 300"))
     theirs = await _agent_child(alice, b"mine")
-    bob, _ = await server.create(BOB, ("cat",))
-    ada_peer, _ = await server.join(ADA, (await _session_of(server, BOB)))
-    result = await ask(ada_peer, "PROC_THROTTLE", pid=theirs, action="stop")
+    # another member's session: another agent user
+    bob, bobs = await server.create(BOB, ("cat",))
+    ada_in_bobs, _ = await server.join(ADA, bobs.session_id)
+    result = await ask(ada_in_bobs, "PROC_THROTTLE", pid=theirs, action="stop")
+    assert result.sw == "6982" and "not to this session's agent user" in result.message
+    # the same member's other session: the same agent user, still not this session's
+    again, alices_second = await server.create(ALICE, ("cat",))
+    ada_in_second, _ = await server.join(ADA, alices_second.session_id)
+    result = await ask(ada_in_second, "PROC_THROTTLE", pid=theirs, action="stop")
     assert result.sw == "6982" and "not part of this session" in result.message
     assert _state(theirs) == "S"
 
 
-async def _session_of(server: ServerProc, user: str) -> str:
-    ls = await server.peer(user, m.ListSessions(V))
-    sessions = (await ls.expect(m.Sessions)).sessions
-    return next(s.session_id for s in sessions if s.creator == user)
 
 
 async def test_granted_group_may_throttle(start_server: ServerFactory, base_dir: Path) -> None:

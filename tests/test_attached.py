@@ -302,7 +302,7 @@ async def test_reload_revokes_a_member_who_lost_the_group_and_lowers_an_admin(
     ada, _ = await ip.join("ada", welcome.session_id)
     people = dict(PEOPLE, bob=(4002, set()), ada=(4003, {MEMBERS_GID}))
     ip.hub.identify = functools.partial(identify_fake, people=people)
-    groups = Groups(agent_uid=AGENT_UID, human_gid=MEMBERS_GID, admin_gid=ADMINS_GID)
+    groups = Groups(agent_uids=frozenset({AGENT_UID}), human_gid=MEMBERS_GID, admin_gid=ADMINS_GID)
     ip.hub.sessions.reload(ip.hub.config, groups, ip.hub.identify)
     error = await bob.expect(m.Error)
     assert error.code == "revoked" and "not a member" in error.message

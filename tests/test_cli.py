@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from .helpers import (
@@ -25,6 +26,9 @@ from .helpers import (
     ALICE,
     BOB,
     GROUP,
+    HOMES,
+    PAM_SERVICE,
+    POOL,
     PY,
     ServerProc,
     account,
@@ -226,17 +230,23 @@ def test_init_is_idempotent_and_keeps_the_agent_out_of_the_groups(
     assert again.returncode == 0, again.stderr
     assert "created" not in again.stdout.replace("created   ", "")
     assert f"exists  user {AGENT}" in again.stdout
+    assert f"exists  agent users {POOL[0]} ... {POOL[-1]}" in again.stdout
     assert "sudo" not in again.stdout and "NOPASSWD" not in again.stdout
-    uid, gid, groups = account(AGENT)
-    assert uid != 0 and gid_of(GROUP) not in groups and gid_of(ADMIN_GROUP) not in groups
+    uids = set()
+    for user in (AGENT, *POOL):
+        uid, gid, groups = account(user)
+        uids.add(uid)
+        assert uid != 0 and gid_of(GROUP) not in groups and gid_of(ADMIN_GROUP) not in groups
+        home = os.stat(HOMES / user)
+        assert (home.st_uid, stat.S_IMODE(home.st_mode)) == (uid, 0o700), user
+    assert len(uids) == 1 + len(POOL)  # every agent user is a uid of its own
     run_dir = os.stat(base_dir / "init-run")
     assert stat.S_IMODE(run_dir.st_mode) == 0o750 and run_dir.st_gid == gid_of(GROUP)
     log_dir = os.stat(base_dir / "init-log")
     assert stat.S_IMODE(log_dir.st_mode) == 0o750 and log_dir.st_gid == gid_of(ADMIN_GROUP)
-    home = os.stat(f"/var/lib/{AGENT}")
-    assert home.st_uid == uid and stat.S_IMODE(home.st_mode) == 0o700
-    assert Path("/etc/pam.d/aaau").read_text().count("pam_limits.so") == 1
-    assert (base_dir / "etc/sysusers.d/aaau.conf").read_text().count(AGENT) >= 1
+    assert Path(f"/etc/pam.d/{PAM_SERVICE}").read_text().count("pam_limits.so") == 1
+    sysusers = (base_dir / "etc/sysusers.d/aaau.conf").read_text()
+    assert all(f"u {user} - " in sysusers for user in (AGENT, *POOL))
 
 
 def test_init_refuses_to_put_the_agent_in_the_human_group(
@@ -254,10 +264,11 @@ def test_init_refuses_to_put_the_agent_in_the_human_group(
         subprocess.run(["gpasswd", "-d", AGENT, GROUP], check=True, capture_output=True)
 
 
-async def test_server_refuses_to_start_when_the_agent_is_in_the_group(
-    accounts: dict[str, Any], base_dir: Path
+@pytest.mark.parametrize("agent", [AGENT, POOL[-1]])
+async def test_server_refuses_to_start_when_an_agent_user_is_in_a_human_group(
+    accounts: dict[str, Any], base_dir: Path, agent: str
 ) -> None:
-    subprocess.run(["gpasswd", "-a", AGENT, ADMIN_GROUP], check=True, capture_output=True)
+    subprocess.run(["gpasswd", "-a", agent, ADMIN_GROUP], check=True, capture_output=True)
     try:
         result = await trio.run_process(
             server_argv(base_dir / "refuse" / "s.sock", base_dir / "refuse-log"),
@@ -266,6 +277,7 @@ async def test_server_refuses_to_start_when_the_agent_is_in_the_group(
             cwd="/",
         )
         assert result.returncode == 1
+        assert f"agent user {agent} is a member of group".encode() in result.stderr
         assert b"could connect to its own server" in result.stderr
     finally:
-        subprocess.run(["gpasswd", "-d", AGENT, ADMIN_GROUP], check=True, capture_output=True)
+        subprocess.run(["gpasswd", "-d", agent, ADMIN_GROUP], check=True, capture_output=True)

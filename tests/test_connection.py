@@ -27,7 +27,7 @@ def ip(tmp_path: Path, nursery: trio.Nursery) -> InProcess:
     ("user", "reason"),
     [
         ("eve", "is not a member of the aaau groups"),
-        ("nobody", "is the agent user and may not connect"),
+        ("nobody", "is an agent user and may not connect"),
         ("ghost", "uid 9999 has no user"),
     ],
 )

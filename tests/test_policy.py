@@ -4,7 +4,7 @@ from aaau import policy
 from aaau.messages import Role
 from aaau.policy import Groups, Identity, Refusal, Standing
 
-GROUPS = Groups(agent_uid=900, human_gid=100, admin_gid=200)
+GROUPS = Groups(agent_uids=frozenset({900, 901}), human_gid=100, admin_gid=200)
 
 
 def ident(uid: int, *groups: int) -> Identity:
@@ -29,10 +29,11 @@ def test_outsider_is_refused_with_a_reason() -> None:
     assert "not a member" in result.reason
 
 
-def test_agent_user_is_refused_even_in_the_groups() -> None:
-    result = policy.admit(ident(900, 100, 200), GROUPS)
-    assert isinstance(result, Refusal)
-    assert "agent user" in result.reason
+def test_every_agent_user_is_refused_even_in_the_groups() -> None:
+    for uid in (900, 901):  # the shared agent user and a pool user
+        result = policy.admit(ident(uid, 100, 200), GROUPS)
+        assert isinstance(result, Refusal)
+        assert "is an agent user" in result.reason
 
 
 def test_roles_in_a_session() -> None:

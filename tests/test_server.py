@@ -26,6 +26,7 @@ from .helpers import (
     BOB,
     EVE,
     GROUP,
+    POOL,
     Peer,
     ServerFactory,
     ServerProc,
@@ -41,12 +42,12 @@ V = m.PROTOCOL_VERSION
 
 
 def _agent_pids() -> set[int]:
-    uid = pwd.getpwnam(AGENT).pw_uid
+    uids = {pwd.getpwnam(user).pw_uid for user in (AGENT, *POOL)}
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
+                if os.stat(f"/proc/{entry}").st_uid in uids:
                     pids.add(int(entry))
             except FileNotFoundError:
                 pass
@@ -167,15 +168,17 @@ async def test_agent_runs_as_agent_user_with_a_clean_environment(server: ServerP
     )
     await alice.expect_output(b"END-OF-ENV")
     text = alice.output.decode()
-    uid, gid, _ = account(AGENT)
+    agent = server.agent_user(welcome.session_id)
+    assert agent in POOL
+    uid, gid, _ = account(agent)
     lines = text.split("\r\n")
     assert lines[0] == str(uid)
-    assert set(lines[1].split()) == {str(g) for g in os.getgrouplist(AGENT, gid)}
+    assert set(lines[1].split()) == {str(g) for g in os.getgrouplist(agent, gid)}
     assert str(gid_of(GROUP)) not in lines[1].split()
-    assert lines[2] == pwd.getpwnam(AGENT).pw_dir
+    assert lines[2] == pwd.getpwnam(agent).pw_dir
     env = dict(line.split("=", 1) for line in lines[3:] if "=" in line and "END" not in line)
     assert "AAAU_TEST_SECRET" not in env and "server-secret-must-not-leak" not in text
-    assert env["USER"] == AGENT and env["LOGNAME"] == AGENT and env["HOME"] == lines[2]
+    assert env["USER"] == agent and env["LOGNAME"] == agent and env["HOME"] == lines[2]
     assert env["TERM"] == "xterm" and env["AAAU_SESSION_ID"] == welcome.session_id
     assert env["API_KEY"] == "sk-secret-value"
     assert set(env) <= {
@@ -214,11 +217,12 @@ async def test_agent_has_no_leaked_fds_and_owns_its_pty(server: ServerProc) -> N
     assert set(fds) == {0, 1, 2}
     assert set(fds.values()) == {start["metadata"]["pty"]}
     st = os.stat(start["metadata"]["pty"])
-    assert st.st_uid == account(AGENT)[0]
+    agent_uid = account(server.agent_user(welcome.session_id))[0]
+    assert st.st_uid == agent_uid
     assert stat.S_IMODE(st.st_mode) == 0o620
     status = Path(f"/proc/{pid}/status").read_text()
     uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
-    assert uids is not None and set(uids.group(1).split()) == {str(account(AGENT)[0])}
+    assert uids is not None and set(uids.group(1).split()) == {str(agent_uid)}
     # the agent is the foreground process group of its own tty session
     stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     pgrp, session, tpgid = int(stat_fields[2]), int(stat_fields[3]), int(stat_fields[5])
@@ -231,7 +235,7 @@ async def test_agent_has_no_leaked_fds_and_owns_its_pty(server: ServerProc) -> N
 async def test_pam_session_applies_the_agents_limits(server: ServerProc) -> None:
     limits = Path("/etc/security/limits.d/aaut-test.conf")
     limits.parent.mkdir(parents=True, exist_ok=True)
-    limits.write_text(f"{AGENT} hard nofile 777\n{AGENT} soft nofile 777\n")
+    limits.write_text("".join(f"{u} hard nofile 777\n{u} soft nofile 777\n" for u in POOL))
     try:
         alice, _ = await server.create(ALICE, ("sh", "-c", "echo limit-$(ulimit -Hn); sleep 60"))
         await alice.expect_output(b"limit-777")
@@ -298,7 +302,7 @@ async def test_program_not_executable_is_a_clear_error(server: ServerProc, base_
     )
     error = await peer.expect(m.Error)
     assert error.code == "spawn-failed"
-    assert f"program not executable by {AGENT}: {script}" in error.message
+    assert f"program not executable by {server.bound_agent(ALICE)}: {script}" in error.message
     assert server.records("spawn_failed", user=ALICE)
 
 
@@ -312,7 +316,8 @@ async def test_unenterable_working_directory_is_a_clear_error(
     )
     error = await peer.expect(m.Error)
     assert error.code == "spawn-failed"
-    assert f"cannot enter working directory {private} as {AGENT}" in error.message
+    agent = server.bound_agent(ALICE)
+    assert f"cannot enter working directory {private} as {agent}" in error.message
 
 
 async def test_late_joiner_gets_scrollback_then_the_program_redraws(server: ServerProc) -> None:

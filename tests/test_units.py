@@ -3,19 +3,20 @@
 import base64
 import json
 import os
-import pwd
 import stat
 from pathlib import Path
 
+import attrs
 import pytest
 
 from aaau import provision
 from aaau.audit import AuditLog, decode_content, encode_bytes
-from aaau.config import Config, ConfigError, load
+from aaau.config import Config, ConfigError, IdentityMode, load
+from aaau.identities import Account
 from aaau.messages import Role
 from aaau.spawn import SpawnError, plan
 
-AGENT = pwd.struct_passwd(("agent", "x", 990, 990, "", "/var/lib/aaau/agent", "/bin/bash"))
+AGENT = Account("agent-03", 990, 990, "/var/lib/aaau/agent-03", "/bin/bash")
 
 
 def test_plan_environment_is_built_from_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,17 +34,35 @@ def test_plan_environment_is_built_from_scratch(monkeypatch: pytest.MonkeyPatch)
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "API_KEY": "k",
-        "HOME": "/var/lib/aaau/agent",
-        "USER": "agent",
-        "LOGNAME": "agent",
+        "HOME": "/var/lib/aaau/agent-03",
+        "USER": "agent-03",
+        "LOGNAME": "agent-03",
         "SHELL": "/bin/bash",
         "TERM": "xterm",
         "AAAU_SESSION_ID": "sid",
     }
     assert p.argv == ("claude", "--x")
     assert p.executable == "claude"
-    assert p.cwd == "/var/lib/aaau/agent"
+    assert p.cwd == "/var/lib/aaau/agent-03"
     assert (p.uid, p.gid) == (990, 990)
+
+
+def test_plan_carries_the_sessions_caps_and_sandbox() -> None:
+    cfg = Config(session_pids_max=100, session_memory_max=0, session_nofile=64, sessions_per_user=3)
+    p = plan(cfg, AGENT, session_id="s", argv=("x",), term="xterm", cwd=None, extra_env={})
+    assert (p.pids_max, p.memory_max) == (100, None)  # memory 0: no cap
+    assert p.rlimits == {"RLIMIT_NPROC": 300, "RLIMIT_NOFILE": 64}  # 3 sessions of one member
+    assert p.sandbox == {"private_tmp": True, "hide_processes": True, "confine": True}
+    ephemeral = plan(
+        attrs.evolve(cfg, identity=IdentityMode.SESSION),
+        AGENT,
+        session_id="s",
+        argv=("x",),
+        term="xterm",
+        cwd=None,
+        extra_env={},
+    )
+    assert ephemeral.rlimits["RLIMIT_NPROC"] == 100
 
 
 def test_default_program_is_the_agents_login_shell() -> None:
@@ -78,7 +97,7 @@ def test_client_may_not_override_identity_variables() -> None:
 
 
 def test_root_agent_is_refused() -> None:
-    root = pwd.struct_passwd(("root", "x", 0, 0, "", "/root", "/bin/bash"))
+    root = Account("root", 0, 0, "/root", "/bin/bash")
     with pytest.raises(SpawnError, match="root"):
         plan(Config(), root, session_id="s", argv=None, term="x", cwd=None, extra_env={})
 
@@ -154,19 +173,27 @@ def test_init_renders_names_into_the_shipped_templates() -> None:
         admin_group="bosses",
         socket="/run/x/s.sock",
         log_dir="/var/log/x",
+        agents=3,
     )
     sysusers = provision.render_sysusers(layout)
     assert "g humans -" in sysusers and "g bosses -" in sysusers
-    assert "u bot - 'aaau agent' /var/lib/aaau/bot /bin/bash" in sysusers
+    users = [line for line in sysusers.splitlines() if line.startswith("u ")]
+    assert users == [
+        f"u {name} - 'aaau agent {name}' /var/lib/aaau/{name} /bin/bash"
+        for name in ("bot", "bot-01", "bot-02", "bot-03")
+    ]
     tmpfiles = provision.render_tmpfiles(layout)
     assert "d /run/x 0750 root humans -" in tmpfiles
     assert "d /var/log/x 0750 root bosses -" in tmpfiles
-    assert "d /var/lib/aaau/bot 0700 bot bot -" in tmpfiles
+    for name in ("bot", "bot-01", "bot-02", "bot-03"):
+        assert f"d /var/lib/aaau/{name} 0700 {name} {name} -" in tmpfiles
 
 
 def test_init_refuses_an_agent_named_like_a_group() -> None:
-    with pytest.raises(provision.InitError, match="three different names"):
+    with pytest.raises(provision.InitError, match="need different names"):
         provision._check(provision.Layout(agent_user="aaau"))
+    with pytest.raises(provision.InitError, match="need different names"):  # aaau-01 is a pool user
+        provision._check(provision.Layout(agent_user="aaau", group="aaau-01"))
 
 
 def test_bound_audit_fills_in_who_and_never_changes_in_place(tmp_path: Path) -> None:

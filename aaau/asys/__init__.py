@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import grp
 import os
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -21,6 +20,7 @@ import trio
 from .. import codec
 from .. import messages as m
 from ..audit import AuditLog
+from ..cgroups import SessionCgroups
 from ..config import Config
 from ..messages import Role
 from . import network, process, system, tasks
@@ -64,9 +64,9 @@ class ServerScope:
 
 
 def session_scope(
-    session_id: str, agent_uid: int, tty_session: int, cgroup: Path | None
+    session_id: str, agent_uid: int, tty_session: int, cgroups: SessionCgroups | None
 ) -> SessionScope:
-    scope = SessionScope(session_id, agent_uid, tty_session, cgroup)
+    scope = SessionScope(session_id, agent_uid, tty_session, cgroups)
 
     async def resume() -> None:
         await process.resume_stopped(scope)

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from ..audit import AuditLog, BoundAudit
+from ..cgroups import SessionCgroups
 from ..messages import Role, StatusWord
 
 #: the status words (an enum of the protocol's vocabulary), under ASys's short name
@@ -38,12 +39,17 @@ class SessionScope:
     session_id: str
     agent_uid: int
     tty_session: int  # the agent is its session leader: sid == the agent's pid
-    cgroup: Path | None
+    cgroups: SessionCgroups | None
     #: pid -> pidfd of processes this session stopped (resumed on close)
     stopped: dict[int, int] = attrs.field(factory=dict)
     #: closers registered by instruction families (tasks, isolation)
     closers: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list)
     extras: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def cgroup(self) -> Path | None:
+        """The session's cgroup2 directory (NET_ISOLATE matches it), if there is one."""
+        return self.cgroups.v2 if self.cgroups is not None else None
 
     async def close(self) -> None:
         for closer in self.closers:

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import reaper
+from ..cgroups import Hierarchies
 from .base import SW, AsysError, Context, Instruction, SessionScope
 
 _TABLE, _CHAIN = "aaau", "isolate"
@@ -62,7 +62,7 @@ async def _run_nft(args: list[str], script: str | None = None) -> bytes:
 
 
 def _rule_match(cgroup: Path) -> str:
-    mount = reaper.cgroup2_mount()
+    mount = Hierarchies.discover().v2
     try:
         relative = cgroup.relative_to(_NFT_CGROUP_ROOT)
         level = len(cgroup.relative_to(mount).parts) if mount else 0

@@ -46,7 +46,8 @@ def _refuse_target(ctx: Context, scope: SessionScope, pid: int) -> None:
     uid = procfs.proc_uid(pid)
     if uid != scope.agent_uid:
         raise AsysError(
-            SW.DENIED, f"process {pid} ({st.comm}) belongs to uid {uid}, not to the agent user"
+            SW.DENIED,
+            f"process {pid} ({st.comm}) belongs to uid {uid}, not to this session's agent user",
         )
     if pid not in session_pids(ctx):
         raise AsysError(SW.DENIED, f"process {pid} ({st.comm}) is not part of this session")

@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from .. import __version__, procfs, reaper
+from ..cgroups import Hierarchies
 from ..messages import PROTOCOL_VERSION
 from .base import SW, AsysError, Context, Instruction, NoArgs
 
@@ -55,7 +56,7 @@ def machine_facts() -> dict[str, Any]:
         "root_fs_type": procfs.root_fs_type(),
         "kernel_version": os.uname().release,
         "psi_available": procfs.psi("cpu") is not None,
-        "cgroup2_available": reaper.cgroup2_mount() is not None,
+        "cgroup2_available": Hierarchies.discover().v2 is not None,
         "nftables_available": shutil.which("nft") is not None,
     }
 
@@ -271,8 +272,8 @@ def session_pids(ctx: Context) -> set[int]:
     if ctx.session is None:
         return set()
     pids = reaper.session_members(ctx.session.tty_session)
-    if ctx.session.cgroup is not None:
-        pids.update(reaper.cgroup_pids(ctx.session.cgroup))
+    if ctx.session.cgroups is not None:
+        pids.update(ctx.session.cgroups.pids())
     return pids
 
 

@@ -1,0 +1,213 @@
+"""Per-session cgroups: every process of a session, and its resource caps.
+
+A session gets a cgroup in the cgroup2 hierarchy (membership: listing and
+``cgroup.kill``, and NET_ISOLATE's ``socket cgroupv2`` match) and caps on
+processes (``pids``), memory (``memory``) and a fair CPU share (``cpu``). Each
+cap uses the cgroup2 controller where the machine enables it, else the cgroup
+v1 hierarchy of that controller (hybrid machines mount them beside cgroup2),
+else nothing: the launcher's rlimits are the last line (RLIMIT_NPROC for the
+identity, RLIMIT_NOFILE per process). :attr:`SessionCgroups.enforced` says
+which, per cap, and ``session_start`` records it.
+
+The hierarchies are found in /proc/mounts, never assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+import trio
+
+#: how long an emptied cgroup may take to become removable (the kernel empties it lazily)
+_RMDIR_WAIT: Final = 2.0
+_POLL: Final = 0.02
+#: the caps and, per hierarchy, the file that sets each
+_V2_FILES: Final = {"pids": "pids.max", "memory": "memory.max"}
+_V1_FILES: Final = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}
+CONTROLLERS: Final = ("pids", "memory", "cpu")
+
+
+@attrs.frozen
+class Caps:
+    """What one session may use (None: no cap)."""
+
+    pids_max: int | None = None
+    memory_max: int | None = None  # bytes
+
+    def value(self, controller: str) -> int | None:
+        return {"pids": self.pids_max, "memory": self.memory_max}.get(controller)
+
+
+@attrs.frozen
+class Hierarchies:
+    """The cgroup hierarchies this machine mounts."""
+
+    v2: Path | None
+    v1: dict[str, Path] = attrs.field(factory=dict)  # controller -> its v1 mount
+
+    @classmethod
+    def discover(cls, mounts: str = "/proc/mounts") -> Hierarchies:
+        try:
+            text = Path(mounts).read_text()
+        except OSError:
+            return cls(None)
+        return cls.parse(text)
+
+    @classmethod
+    def parse(cls, text: str) -> Hierarchies:
+        v2, v1 = None, {}
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 4:
+                continue
+            if fields[2] == "cgroup2" and v2 is None:
+                v2 = Path(fields[1])
+            elif fields[2] == "cgroup":
+                for option in fields[3].split(","):
+                    if option in CONTROLLERS and option not in v1:
+                        v1[option] = Path(fields[1])
+        return cls(v2, v1)
+
+
+def _write(path: Path, text: str) -> bool:
+    try:
+        path.write_text(text)
+    except OSError:
+        return False
+    return True
+
+
+def _v2_enable(base: Path, mount: Path, controller: str) -> bool:
+    """Enable ``controller`` from the cgroup2 root down to ``base``'s children."""
+    if controller not in (mount / "cgroup.controllers").read_text().split():
+        return False
+    node, chain = mount, [mount]
+    for part in base.relative_to(mount).parts:
+        node = node / part
+        chain.append(node)
+    return all(_write(d / "cgroup.subtree_control", f"+{controller}") for d in chain)
+
+
+@attrs.define
+class SessionCgroups:
+    """The cgroups of one session; ``dirs`` are the ones its launcher joins."""
+
+    v2: Path | None = None
+    v1: dict[str, Path] = attrs.field(factory=dict)  # controller -> the session's v1 cgroup
+    enforced: dict[str, str] = attrs.field(factory=dict)  # cap -> cgroup2 | cgroup1 | none
+
+    @property
+    def dirs(self) -> list[Path]:
+        return ([self.v2] if self.v2 else []) + list(self.v1.values())
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for directory in self.dirs:
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(x) for x in (directory / "cgroup.procs").read_text().split())
+        return found
+
+    def signal(self, signum: int) -> None:
+        """Signal every member; SIGKILL through ``cgroup.kill`` where there is one."""
+        if signum == signal.SIGKILL and self.v2 and _write(self.v2 / "cgroup.kill", "1"):
+            return
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    async def remove(self) -> None:
+        """Remove the emptied cgroups (the kernel empties them asynchronously)."""
+        for directory in self.dirs:
+            await _rmdir(directory)
+
+
+async def _rmdir(directory: Path) -> None:
+    with trio.move_on_after(_RMDIR_WAIT):
+        while True:
+            try:
+                directory.rmdir()  # noqa: ASYNC240 - cgroupfs, never blocks
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    return
+            await trio.sleep(_POLL)
+
+
+def create(base: str, session_id: str, caps: Caps, where: Hierarchies) -> SessionCgroups:
+    """The cgroups of a new session under ``base`` in each hierarchy, with its caps set."""
+    made = SessionCgroups()
+    if where.v2 is not None:
+        made.v2 = _mkdir(where.v2 / base / session_id, need="cgroup.kill")
+    for controller in CONTROLLERS:
+        made.enforced[controller] = _cap(made, controller, base, session_id, caps, where)
+    return made
+
+
+def _cap(
+    made: SessionCgroups,
+    controller: str,
+    base: str,
+    session_id: str,
+    caps: Caps,
+    where: Hierarchies,
+) -> str:
+    value = caps.value(controller)
+    text = "max" if value is None else str(value)
+    if made.v2 is not None and where.v2 is not None and _v2_enable(
+        made.v2.parent, where.v2, controller
+    ):
+        setting = _V2_FILES.get(controller)
+        if setting is None or _write(made.v2 / setting, text):
+            return "cgroup2"
+    mount = where.v1.get(controller)
+    if mount is not None:
+        directory = _mkdir(mount / base / session_id)
+        if directory is not None:
+            setting = _V1_FILES.get(controller)
+            v1_text = "-1" if value is None and controller == "memory" else text
+            if setting is None or _write(directory / setting, v1_text):
+                made.v1[controller] = directory
+                return "cgroup1"
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    return "none"
+
+
+def _mkdir(path: Path, need: str | None = None) -> Path | None:
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path.mkdir(mode=0o755)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    if need is not None and not (path / need).exists():
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        return None
+    return path
+
+
+def leftovers(base: str, where: Hierarchies) -> Iterator[SessionCgroups]:
+    """Session cgroups under ``base`` that exist now (a predecessor's, after a crash)."""
+    by_name: dict[str, SessionCgroups] = {}
+    roots = ([("v2", where.v2)] if where.v2 else []) + list(where.v1.items())
+    for kind, mount in roots:
+        with contextlib.suppress(OSError):
+            for entry in (mount / base).iterdir():
+                if entry.is_dir():
+                    group = by_name.setdefault(entry.name, SessionCgroups())
+                    if kind == "v2":
+                        group.v2 = entry
+                    else:
+                        group.v1[kind] = entry
+    yield from by_name.values()
