@@ -31,6 +31,8 @@ _POLL: Final = 0.02
 #: the caps and, per hierarchy, the file that sets each
 _V2_FILES: Final = {"pids": "pids.max", "memory": "memory.max"}
 _V1_FILES: Final = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}
+#: where swap would let a memory cap leak, the file that closes it, and its value
+_SWAP_FILES: Final = {"cgroup2": "memory.swap.max", "cgroup1": "memory.memsw.limit_in_bytes"}
 CONTROLLERS: Final = ("pids", "memory", "cpu")
 
 
@@ -152,6 +154,14 @@ def create(base: str, session_id: str, caps: Caps, where: Hierarchies) -> Sessio
     return made
 
 
+def _close_swap(directory: Path, kind: str, value: int | None) -> None:
+    """Memory plus swap capped like memory (a machine without swap has no such file)."""
+    if value is not None:
+        path = directory / _SWAP_FILES[kind]
+        if path.exists():
+            _write(path, "0" if kind == "cgroup2" else str(value))
+
+
 def _cap(
     made: SessionCgroups,
     controller: str,
@@ -167,6 +177,8 @@ def _cap(
     ):
         setting = _V2_FILES.get(controller)
         if setting is None or _write(made.v2 / setting, text):
+            if controller == "memory":
+                _close_swap(made.v2, "cgroup2", value)
             return "cgroup2"
     mount = where.v1.get(controller)
     if mount is not None:
@@ -176,6 +188,8 @@ def _cap(
             v1_text = "-1" if value is None and controller == "memory" else text
             if setting is None or _write(directory / setting, v1_text):
                 made.v1[controller] = directory
+                if controller == "memory":
+                    _close_swap(directory, "cgroup1", value)
                 return "cgroup1"
             with contextlib.suppress(OSError):
                 directory.rmdir()

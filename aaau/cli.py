@@ -259,8 +259,9 @@ def _client_parser() -> argparse.ArgumentParser:
         "--env",
         action="append",
         default=[],
-        metavar="NAME=VALUE",
-        help="extra environment for the agent (repeatable)",
+        metavar="NAME",
+        help="pass NAME from your environment to the agent (repeatable); NAME=VALUE works "
+        "too, but puts the value on this command line, where anyone on the machine can read it",
     )
     parser.add_argument("--json", action="store_true", help="with ls: machine-readable")
     parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
@@ -330,14 +331,28 @@ def _program(args: argparse.Namespace, words: list[str]) -> tuple[str, ...] | No
     return None
 
 
-def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
-    argv = _program(args, words)
+def _environment(items: list[str]) -> dict[str, str]:
+    """-e NAME (the value from our environment, never on a command line) or -e NAME=VALUE."""
     env = {}
-    for item in args.env:
+    for item in items:
         name, eq, value = item.partition("=")
         if not eq:
-            raise _Usage(f"-e wants NAME=VALUE, got {item!r}")
+            if name not in os.environ:
+                raise _Usage(f"-e {name}: {name} is not set in your environment")
+            value = os.environ[name]
+        else:
+            print(
+                f"aaau: warning: -e {name}=... puts the value on the command line, where every "
+                f"user of this machine can read it; export {name} and use -e {name}",
+                file=sys.stderr,
+            )
         env[name] = value
+    return env
+
+
+def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
+    argv = _program(args, words)
+    env = _environment(args.env)
     rows, cols = window_size(0) if os.isatty(0) else window_size(1)
     try:
         return m.Create(

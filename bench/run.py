@@ -20,6 +20,7 @@ Scenarios (docs/benchmarks.md has the method and the latest results):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness as h
 
 from aaau import __version__
+from aaau.cgroups import Hierarchies
 
 #: the interpreter of a baseline installation (--baseline), or None
 BASELINE: str | None = None
@@ -347,8 +349,14 @@ def cli() -> int:
         results = trio.run(main, args)
     finally:
         h.remove_accounts()
-        if BASELINE is not None and not had_baseline_pam:
-            baseline_pam.unlink(missing_ok=True)  # the baseline build's init wrote it
+        if BASELINE is not None:
+            if not had_baseline_pam:
+                baseline_pam.unlink(missing_ok=True)  # the baseline build's init wrote it
+            # an earlier build's cgroup base; rmdir only takes it if no session is in it
+            v2 = Hierarchies.discover().v2
+            if v2 is not None:
+                with contextlib.suppress(OSError):
+                    (v2 / "aaau").rmdir()
     print(json.dumps(results, indent=2) if args.json else report(results))
     return 0
 

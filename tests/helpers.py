@@ -308,9 +308,17 @@ ServerFactory = Callable[..., Awaitable[ServerProc]]
 
 
 async def run_cli(
-    user: str, args: list[str], sock: Path | str, *, stdin: bytes = b"", timeout: float = 30
+    user: str,
+    args: list[str],
+    sock: Path | str,
+    *,
+    stdin: bytes = b"",
+    timeout: float = 30,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run the real ``aaau`` client as ``user`` with piped stdin."""
+    """Run the real ``aaau`` client as ``user`` with piped stdin (and ``env`` added)."""
+    kwargs = as_client(user, sock)
+    kwargs["env"] = {**kwargs["env"], **(env or {})}
     with trio.fail_after(timeout):
         return await trio.run_process(
             [PY, "-m", "aaau", *args],
@@ -318,7 +326,7 @@ async def run_cli(
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            **as_client(user, sock),
+            **kwargs,
         )
 
 

@@ -249,6 +249,22 @@ async def test_sys_procs_flags_stopped_zombie_root_and_this_sessions_processes(
     assert by_pid[30]["stopped"] and not by_pid[30]["zombie"]
     assert by_pid[40]["zombie"] and by_pid[50]["root"] and not by_pid[40]["root"]
     assert [p["this_session"] for p in result["procs"]] == [False, False, True]
+    # what ps shows anyone: never a command line or an environment
+    assert set(result["procs"][0]) == {
+        "pid",
+        "user",
+        "uid",
+        "comm",
+        "state",
+        "cpu_pct",
+        "mem_pct",
+        "zombie",
+        "d_state",
+        "stopped",
+        "root",
+        "kernel_thread",
+        "this_session",
+    }
     assert result["total_procs"] == 3 and result["window_ms"] == 500
 
 
