@@ -93,8 +93,8 @@ class Server:
         log.info("listening", socket=cfg.socket, pid=pid)
         sessions: Sessions | None = None
         try:
-            if wiped := await identities.recover():
-                audit.write("identities_reset", content=" ".join(wiped))
+            for user in await identities.recover():
+                audit.write("identity_reset", content=user, metadata={"reason": "start"})
             async with trio.open_nursery() as sessions_nursery:
                 sessions = Sessions(
                     cfg, audit, sessions_nursery, identities, spawner=self._spawner

@@ -147,6 +147,13 @@ class Sessions:
         account = self._accounts.pop(session.id, None)
         if account is not None:
             await self._identities.release(account)
+            if account.ephemeral:
+                self._audit.write(
+                    "identity_reset",
+                    session_id=session.id,
+                    content=account.user,
+                    metadata={"reason": "session end"},
+                )
 
     def reload(self, config: Config, groups: Groups, identify: Identify) -> None:
         """New limits for every session; every client's right to be attached re-checked."""

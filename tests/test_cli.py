@@ -281,3 +281,19 @@ async def test_server_refuses_to_start_when_an_agent_user_is_in_a_human_group(
         assert b"could connect to its own server" in result.stderr
     finally:
         subprocess.run(["gpasswd", "-d", agent, ADMIN_GROUP], check=True, capture_output=True)
+
+
+def test_init_adds_a_missing_pool_user_and_keeps_the_shared_agent(
+    accounts: dict[str, Any], base_dir: Path
+) -> None:
+    """An install from before the pool (or with a smaller one) gets it from init again."""
+    last = POOL[-1]
+    subprocess.run(["userdel", last], check=True, capture_output=True)
+    shared_uid = account(AGENT)[0]
+    result = subprocess.run(
+        init_argv(base_dir), capture_output=True, text=True, cwd="/", check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"created agent users {POOL[0]} ... {last}" in result.stdout
+    assert account(last)[0] != 0 and account(AGENT)[0] == shared_uid
+    assert os.stat(HOMES / last).st_uid == account(last)[0]

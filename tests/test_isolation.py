@@ -19,7 +19,18 @@ import trio
 
 from aaau import messages as m
 
-from .helpers import ALICE, BOB, HOMES, Peer, ServerFactory, ServerProc, account, root, run_cli
+from .helpers import (
+    ALICE,
+    BOB,
+    HOMES,
+    Peer,
+    ServerFactory,
+    ServerProc,
+    account,
+    root,
+    run_cli,
+    wait_for,
+)
 
 pytestmark = root
 V = m.PROTOCOL_VERSION
@@ -129,15 +140,24 @@ async def test_an_ephemeral_session_leaves_nothing_behind(start_server: ServerFa
     await run(alice, "echo secret > ~/left; (setsid nohup sleep 1000 >/dev/null 2>&1 &); echo ok")
     await alice.type(b"exit\n")
     await alice.expect(m.Exited)
-    with trio.fail_after(10):
-        while any(os.stat(f"/proc/{p}").st_uid == uid for p in os.listdir("/proc") if p.isdigit()):
-            await trio.sleep(0.05)
+    (reset,) = await wait_for(
+        lambda: server.records("identity_reset", session_id=welcome.session_id)
+    )
+    assert reset["content"] == agent and reset["metadata"]["reason"] == "session end"
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _owner(p) == uid]
     home = HOMES / agent
     assert home.is_dir() and list(home.iterdir()) == []
     assert (os.stat(home).st_uid, os.stat(home).st_mode & 0o777) == (uid, 0o700)
     # the next session, whoever's, starts from nothing
     bob, _, _, _ = await shell(server, BOB)
     assert "No such file" in await run(bob, "cat ~/left")
+
+
+def _owner(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return None
 
 
 async def test_secrets_never_appear_on_a_command_line(server: ServerProc) -> None:
