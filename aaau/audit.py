@@ -14,15 +14,22 @@ manner of structlog's ``bind``: binding returns a new object, never changes one.
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
+import structlog
+import trio
 
-from .messages import Role
+log = structlog.get_logger("aaau.audit")
+
+#: how often a failed log is tried again (and a deleted file noticed)
+RETRY_INTERVAL: Final = 1.0
 
 
 @attrs.frozen
@@ -52,13 +59,39 @@ def decode_content(content: str, encoding: str) -> bytes:
     return base64.b64decode(content) if encoding == "base64" else content.encode("utf-8")
 
 
+class AuditUnavailable(Exception):
+    """The log cannot take a record now; whatever needed one must not happen."""
+
+
+#: records that must not be lost (a session's end, a kill, a refusal) and are kept in
+#: memory while the log cannot take them, written in order when it can again
+PENDING_RECORDS: Final = 10_000
+
+
 class AuditLog:
-    """Appends records to ``path`` (created 0640, owner root, group ``gid``)."""
+    """Appends records to ``path`` (created 0640, owner root, group ``gid``).
+
+    Two ways to write. :meth:`write` is for a record that gates an action:
+    if the log cannot take it (disk full, file gone), it raises
+    :class:`AuditUnavailable` and the caller refuses the action, so nothing
+    happens unrecorded. :meth:`note` is for a record of something that has
+    happened or must happen anyway (a session's end, FORCE_KILL, a refusal):
+    it never raises; if the log cannot take it now it is kept (at most
+    ``PENDING_RECORDS``, then counted as lost) and written, in order, before
+    anything else once the log can. :meth:`retry` (every second, from the
+    server) tries that, and reopens the file if it was deleted or replaced.
+    A failed write leaves no partial line: the file is truncated back.
+    """
 
     def __init__(self, path: str, *, gid: int | None = None) -> None:
         self.path = path
+        self._gid = gid
         self._seq = 0
         self._fd = -1
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._lost = 0
+        self.failure: str | None = None  # why the log cannot take records now
+        self._failed_at = 0.0
         self.reopen(gid=gid)
 
     @classmethod
@@ -70,12 +103,22 @@ class AuditLog:
             os.chown(directory, 0, gid if gid is not None else 0)
         return cls(str(directory / "audit.jsonl"), gid=gid)
 
+    @property
+    def available(self) -> bool:
+        return self.failure is None and not self._pending
+
     def reopen(self, *, gid: int | None = None) -> None:
-        """(Re)open the file, as after a log rotation."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        os.fchmod(fd, 0o640)
-        if gid is not None:
-            os.fchown(fd, 0, gid)
+        """(Re)open the file, as after a log rotation; the old one stays if this fails."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self.path, flags, 0o640)
+        try:
+            os.fchmod(fd, 0o640)
+            if gid is not None:
+                os.fchown(fd, 0, gid)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._gid = gid if gid is not None else self._gid
         old, self._fd = self._fd, fd
         if old >= 0:
             os.close(old)
@@ -85,35 +128,46 @@ class AuditLog:
             os.close(self._fd)
             self._fd = -1
 
-    def write(
-        self,
-        command_type: str,
-        *,
-        source: str = "system",
-        user: str = "-",
-        uid: int | None = None,
-        role: Role | None = None,
-        session_id: str | None = None,
-        content: str = "",
-        metadata: dict[str, Any] | None = None,
-    ) -> AuditRecord:
+    def _record(self, command_type: str, **fields: Any) -> tuple[AuditRecord, bytes]:
         self._seq += 1
+        role = fields.pop("role", None)
         record = AuditRecord(
             timestamp=time.time(),
             seq=self._seq,
-            source=source,
-            user=user,
-            uid=uid,
+            source=fields.pop("source", "system"),
+            user=fields.pop("user", "-"),
+            uid=fields.pop("uid", None),
             role=role.value if role is not None else None,
-            session_id=session_id,
+            session_id=fields.pop("session_id", None),
             command_type=command_type,
-            content=content,
-            metadata=metadata or {},
+            content=fields.pop("content", ""),
+            metadata=fields.pop("metadata", None) or {},
         )
+        if fields:
+            raise TypeError(f"unknown audit fields: {sorted(fields)}")
         line = json.dumps(attrs.asdict(record), separators=(",", ":")).encode() + b"\n"
-        view = memoryview(line)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        return record, line
+
+    def write(self, command_type: str, **fields: Any) -> AuditRecord:
+        """Record, or raise :class:`AuditUnavailable` (and the caller does nothing)."""
+        record, line = self._record(command_type, **fields)
+        try:
+            self._flush()
+            self._emit(line)
+        except AuditUnavailable:
+            self._seq -= 1  # never written, never happened: no gap in the sequence
+            raise
+        return record
+
+    def note(self, command_type: str, **fields: Any) -> AuditRecord:
+        """Record now, or as soon as the log can take it; never raises."""
+        record, line = self._record(command_type, **fields)
+        if len(self._pending) >= PENDING_RECORDS:
+            self._lost += 1
+        else:
+            self._pending.append(line)
+        with contextlib.suppress(AuditUnavailable):
+            self._flush()
         return record
 
     def write_bytes(self, command_type: str, data: bytes, **fields: Any) -> AuditRecord:
@@ -123,6 +177,68 @@ class AuditLog:
         metadata["encoding"] = encoding
         metadata["bytes"] = len(data)
         return self.write(command_type, content=content, metadata=metadata, **fields)
+
+    def _emit(self, line: bytes) -> None:
+        view, written = memoryview(line), 0
+        try:
+            while written < len(line):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            if written:  # no partial line: take back what went out
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            self._fail(f"{exc.strerror or exc} ({self.path})")
+            raise AuditUnavailable(self.failure) from None
+
+    def _fail(self, why: str) -> None:
+        if self.failure is None:
+            self._failed_at = time.time()
+            log.error("audit-unavailable", error=why, path=self.path)
+        self.failure = why
+
+    def _flush(self) -> None:
+        """Write what was kept, oldest first; after a failure, say that the log is back."""
+        while self._pending:
+            self._emit(self._pending[0])
+            self._pending.popleft()
+        if self.failure is None:
+            return
+        _, line = self._record(
+            "audit_resumed",
+            content=self.failure,
+            metadata={"since": self._failed_at, "records_lost": self._lost},
+        )
+        try:
+            self._emit(line)
+        except AuditUnavailable:
+            self._seq -= 1
+            raise
+        log.info("audit-resumed", after=self.failure, records_lost=self._lost)
+        self.failure, self._lost = None, 0
+
+    def retry(self) -> None:
+        """The retry loop's step: reopen a deleted or replaced file, write what was kept."""
+        try:
+            on_disk, ours = os.stat(self.path), os.fstat(self._fd)
+            replaced = (on_disk.st_dev, on_disk.st_ino) != (ours.st_dev, ours.st_ino)
+        except OSError:
+            replaced = True
+        if replaced:
+            try:
+                self.reopen(gid=self._gid)
+            except OSError as exc:
+                self._fail(f"cannot reopen: {exc.strerror or exc} ({self.path})")
+                return
+            self.note("audit_reopened", content="the log file was deleted or replaced")
+        with contextlib.suppress(AuditUnavailable):
+            self._flush()
+
+    async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run :meth:`retry` every ``RETRY_INTERVAL`` seconds, for the server's life."""
+        task_status.started()
+        while True:
+            await trio.sleep(RETRY_INTERVAL)
+            self.retry()
 
     def bind(self, **context: Any) -> BoundAudit:
         """A view of this log that adds ``context`` to every record (see BoundAudit)."""
@@ -163,6 +279,9 @@ class BoundAudit:
 
     def write(self, command_type: str, **fields: Any) -> AuditRecord:
         return self._log.write(command_type, **self._merged(fields))
+
+    def note(self, command_type: str, **fields: Any) -> AuditRecord:
+        return self._log.note(command_type, **self._merged(fields))
 
     def write_bytes(self, command_type: str, data: bytes, **fields: Any) -> AuditRecord:
         return self._log.write_bytes(command_type, data, **self._merged(fields))

@@ -272,7 +272,21 @@ class _Usage(Exception):
     """A command line that does not make sense: one line on stderr, exit 255."""
 
 
+def _session_after_dashes(argv: list[str]) -> list[str]:
+    """``-n -- ID`` (an id that begins with "-") as ``--session=ID``."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("-n", "--session") and argv[i + 1 : i + 2] == ["--"] and i + 2 < len(argv):
+            out.append(f"--session={argv[i + 2]}")
+            i += 3
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def client_main(argv: list[str] | None = None) -> int:
+    argv = _session_after_dashes(sys.argv[1:] if argv is None else argv)
     args = _client_parser().parse_intermixed_args(argv)
     try:
         return _dispatch(args, args.words)

@@ -38,14 +38,43 @@ class ClientError(Exception):
 _MAX_FRAME = 1 << 24
 
 
+class _Credit:
+    """The input window: bytes we may send before the server credits them back."""
+
+    def __init__(self) -> None:
+        self.available = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def give(self, amount: int) -> None:
+        self.available += amount
+        self._lot.unpark_all()
+
+    async def take(self, wanted: int) -> int:
+        """Up to ``wanted`` bytes of credit, waiting for some if there is none."""
+        while self.available <= 0:
+            await self._lot.park()
+        granted = min(wanted, self.available)
+        self.available -= granted
+        return granted
+
+
 class _Link:
     """A connection to the server: framed messages in and out."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.framed = FramedStream(stream, _MAX_FRAME)
+        self.credit = _Credit()
 
     async def send(self, message: m.ClientMessage) -> None:
         await self.framed.send(message)
+
+    async def send_input(self, data: bytes) -> None:
+        """Input, in pieces that keep within the window the server granted."""
+        view = memoryview(data)
+        while view:
+            n = await self.credit.take(len(view))
+            await self.framed.send_frame(data_frame(bytes(view[:n])))
+            view = view[n:]
 
     async def next_control(self) -> m.ServerMessage:
         frame = await self.framed.next_frame()
@@ -158,6 +187,7 @@ async def _run(
     link: _Link, welcome: m.Welcome, tty_fd: int | None, signals: AsyncIterator[int]
 ) -> int:
     result: list[int] = []
+    link.credit.give(welcome.input_window)
     tty = trio.lowlevel.FdStream(tty_fd) if tty_fd is not None else None
     async with trio.open_nursery() as nursery:
 
@@ -204,7 +234,9 @@ async def _receive(link: _Link, tty: trio.lowlevel.FdStream | None, finish: Any)
                 _write_stdout(frame.payload)
             continue
         msg = codec.decode_server(frame.payload)
-        if isinstance(msg, m.Exited):
+        if isinstance(msg, m.InputCredit):
+            link.credit.give(msg.bytes)
+        elif isinstance(msg, m.Exited):
             finish(msg.code if msg.signal is None else 128 + msg.signal)
             return
         if isinstance(msg, m.Error):
@@ -227,7 +259,7 @@ async def _keyboard(link: _Link, tty: trio.lowlevel.FdStream, role: m.Role, fini
     while data := await tty.receive_some(4096):
         data, detach = escape.feed(data)
         if data and role is not m.Role.READONLY:
-            await link.framed.send_frame(data_frame(data))
+            await link.send_input(data)
         if detach:
             await link.send(m.Detach())
             _notice("detached", tty)
@@ -241,7 +273,7 @@ async def _pipe_input(link: _Link) -> None:
         if not data:
             await link.send(m.InputEof())
             return
-        await link.framed.send_frame(data_frame(data))
+        await link.send_input(data)
 
 
 async def _winch(link: _Link, role: m.Role) -> None:

@@ -93,11 +93,58 @@ def describe_error(exc: cattrs.BaseValidationError) -> str:
     return "; ".join(cattrs.transform_error(exc, format_exception=_describe))
 
 
+#: no message of the protocol nests deeper than this; deeper input is refused unparsed
+MAX_NESTING = 16
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
+
+
+def _too_deep(payload: bytes) -> bool:
+    if payload.count(b"[") + payload.count(b"{") <= MAX_NESTING:
+        return False  # the common case, counted in C
+    depth = 0
+    for byte in _STRING.sub(b"", payload):
+        if byte in _OPEN:
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif byte in _CLOSE:
+            depth -= 1
+    return False
+
+
+def _has_lone_surrogate(obj: object) -> bool:
+    """JSON's \\uD800 escapes can make strings that are not Unicode text."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _decode(payload: bytes, union: Any, tags: set[str]) -> Any:
+    if _too_deep(payload):
+        raise ProtocolError(f"control message nested deeper than {MAX_NESTING}", code=_BAD)
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"control frame is not UTF-8 JSON: {exc}", code=_BAD) from None
+    except RecursionError:
+        raise ProtocolError("control message nested too deeply", code=_BAD) from None
+    if b"\\u" in payload and _has_lone_surrogate(obj):
+        raise ProtocolError(
+            "control message has a string that is not Unicode text (a lone surrogate)",
+            code=_BAD,
+        )
     if not isinstance(obj, dict):
         raise ProtocolError("control frame must hold a JSON object", code=_BAD)
     tag = obj.get("type")

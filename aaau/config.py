@@ -51,14 +51,33 @@ class Config:
     lang: str = "C.UTF-8"
     handshake_timeout: float = 5.0
     max_frame: int = 1 << 20
+    #: the largest hello (first frame): a create with its argv and environment
+    max_hello: int = 16 * 1024
+    #: connections: per person, per person before their hello, and in all
+    connections_per_user: int = 64
+    hellos_per_user: int = 8
+    max_connections: int = 4096
     clients_per_session: int = 16
+    #: of a session's places, how many only its creator and admins may take
+    reserved_clients: int = 2
+    #: clients one person (not the creator, not an admin) may have in one session
+    observers_per_user: int = 4
     max_sessions: int = 64
     sessions_per_user: int = 8
+    #: input a client may have in flight before the server credits it back
+    input_window: int = 256 * 1024
+    #: control messages one attached client may send: per second, and in a burst
+    control_rate: float = 50.0
+    control_burst: int = 200
     scrollback_bytes: int = 256 * 1024
     client_queue_bytes: int = 4 << 20
     kill_grace: float = 2.0
     shutdown_grace: float = 5.0
     record_output: bool = True
+    #: the output one session may record: bytes/s, bursts, in all (0: no total)
+    record_output_rate: int = 4 << 20
+    record_output_burst: int = 64 << 20
+    record_output_max: int = 1 << 30
     #: per-session caps: processes (pids cgroup; RLIMIT_NPROC for the identity as a
     #: backstop), memory in bytes (memory cgroup; 0: none), open files per process
     session_pids_max: int = 512
@@ -90,6 +109,16 @@ class Config:
             "session_nofile",
             "handshake_timeout",
             "max_frame",
+            "max_hello",
+            "connections_per_user",
+            "hellos_per_user",
+            "max_connections",
+            "observers_per_user",
+            "input_window",
+            "control_rate",
+            "control_burst",
+            "record_output_rate",
+            "record_output_burst",
             "clients_per_session",
             "max_sessions",
             "sessions_per_user",
@@ -98,8 +127,10 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.session_memory_max < 0:
-            raise ValueError("session_memory_max must be 0 (no cap) or positive")
+        if self.session_memory_max < 0 or self.record_output_max < 0:
+            raise ValueError("session_memory_max and record_output_max: 0 (none) or positive")
+        if not 0 <= self.reserved_clients < self.clients_per_session:
+            raise ValueError("reserved_clients must be less than clients_per_session")
 
     def with_overrides(self, **overrides: Any) -> Config:
         """A copy with every override that is not None applied."""

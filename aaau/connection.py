@@ -29,11 +29,13 @@ import trio
 
 from . import asys, codec, credentials, policy
 from . import messages as m
-from .audit import AuditLog, BoundAudit
+from .audit import AuditLog, AuditUnavailable, BoundAudit
 from .config import Config
 from .errors import ErrorCode, ProtocolError, RequestError
 from .framing import FramedStream
+from .inflow import Inflow
 from .members import Attachment
+from .occupancy import Occupancy
 from .outbox import FLUSH_GRACE, Outbox, socket_writer
 from .policy import Groups, Identity, Refusal, Standing
 from .requests import Detached, Requests
@@ -67,13 +69,20 @@ class Hub:
     asys: asys.ServerScope
     identify: Callable[[int, int, int], Identity] = credentials.identify
     peer_of: PeerOf = socket_peer
+    occupancy: Occupancy = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.occupancy = Occupancy(self.config)
 
 
 class Connection:
     def __init__(self, stream: trio.abc.Stream, hub: Hub) -> None:
         self._hub = hub
-        self._framed = FramedStream(stream, hub.config.max_frame)
+        # until the hello: small frames only, so a half-sent hello costs little memory
+        limit = min(hub.config.max_hello, hub.config.max_frame)
+        self._framed = FramedStream(stream, limit)
         self._audit: BoundAudit = hub.audit.bind()
+        self._peer: dict[str, int] = {}
 
     async def serve(self) -> None:
         """The whole life of the connection; never raises (but Cancelled)."""
@@ -82,11 +91,14 @@ class Connection:
                 await self._serve()
             except (ProtocolError, RequestError) as exc:
                 kind = "protocol_error" if isinstance(exc, ProtocolError) else "request_failed"
-                self._audit.write(kind, content=str(exc), metadata={"code": exc.code})
+                self._audit.note(kind, content=str(exc), metadata={"code": exc.code})
                 await self._last_word(m.Error(exc.code, str(exc)))
+            except AuditUnavailable as exc:  # nothing may happen unrecorded: say why
+                text = f"the audit log cannot be written now ({exc}); try again later"
+                await self._last_word(m.Error(ErrorCode.AUDIT, text))
             except Exception as exc:  # a bug in one connection must not end the server
                 log.exception("connection-failed")
-                self._audit.write("internal_error", content=repr(exc))
+                self._audit.note("internal_error", content=repr(exc))
                 await self._last_word(m.Error(ErrorCode.INTERNAL, "internal server error (logged)"))
 
     async def _last_word(self, message: m.ServerMessage) -> None:
@@ -97,26 +109,55 @@ class Connection:
     async def _serve(self) -> None:
         pid, uid, gid = self._hub.peer_of(self._framed.stream)
         self._audit = self._hub.audit.bind(user=f"#{uid}", uid=uid)
-        peer = {"peer_pid": pid, "peer_gid": gid}
+        occupancy = self._hub.occupancy
+        if (full := occupancy.arrive(uid)) is not None:
+            await self._refuse_limit(uid, full)
+            return
+        said_hello = False
+        try:
+            admitted = await self._admit(pid, uid, gid)
+            if admitted is None:
+                return
+            self._audit.write("connection_accepted", content=admitted[1].value, metadata=self._peer)
+            hello = await self._receive_hello()
+            occupancy.hello(uid)
+            said_hello = True
+            if hello is None:
+                return
+            # who they are now: a membership removed while they were connecting counts
+            admitted = await self._admit(pid, uid, gid)
+            if admitted is None:
+                return
+            self._audit = self._audit.bind(session_id=getattr(hello, "session_id", None))
+            self._audit.write("control", source="human", content=codec.tag_of(type(hello)))
+            self._framed.max_payload = self._hub.config.max_frame
+            await self._answer(hello, *admitted)
+        finally:
+            if not said_hello:
+                occupancy.hello(uid)
+            occupancy.leave(uid)
+
+    async def _refuse_limit(self, uid: int, why: str) -> None:
+        earlier = self._hub.occupancy.record_refusal(uid, trio.current_time())
+        if earlier is not None:
+            self._audit.note("connection_refused", content=why, metadata={"not_recorded": earlier})
+        await self._last_word(m.Error(ErrorCode.LIMIT, why))
+
+    async def _admit(self, pid: int, uid: int, gid: int) -> tuple[Identity, Standing] | None:
+        """Who the peer is, from the user database now; None if refused (and told)."""
+        self._peer = {"peer_pid": pid, "peer_gid": gid}
         try:
             identity = self._hub.identify(pid, uid, gid)
         except credentials.UnknownPeer as exc:
             standing: Standing | Refusal = Refusal(str(exc))
         else:
-            self._audit = self._hub.audit.bind(user=identity.user, uid=uid)
+            self._audit = self._audit.bind(user=identity.user)
             standing = policy.admit(identity, self._hub.groups)
         if isinstance(standing, Refusal):
-            self._audit.write("connection_refused", content=standing.reason, metadata=peer)
+            self._audit.note("connection_refused", content=standing.reason, metadata=self._peer)
             await self._last_word(m.Error(ErrorCode.REFUSED, standing.reason))
-            return
-        self._audit.write("connection_accepted", content=standing.value, metadata=peer)
-        hello = await self._receive_hello()
-        if hello is None:
-            return
-        session_id = getattr(hello, "session_id", None)
-        self._audit = self._audit.bind(session_id=session_id)
-        self._audit.write("control", source="human", content=codec.tag_of(type(hello)))
-        await self._answer(hello, identity, standing)
+            return None
+        return identity, standing
 
     async def _receive_hello(self) -> m.Hello | None:
         """The hello, or None if the peer left or said nothing in time (it is told)."""
@@ -124,7 +165,7 @@ class Connection:
         with trio.move_on_after(timeout) as scope:
             frame = await self._framed.next_frame()
         if scope.cancelled_caught:
-            self._audit.write("handshake_timeout", content=f"no hello within {timeout} s")
+            self._audit.note("handshake_timeout", content=f"no hello within {timeout} s")
             await self._last_word(
                 m.Error(ErrorCode.TIMEOUT, f"no handshake within {timeout} seconds")
             )
@@ -165,7 +206,7 @@ class Connection:
         )
         audit = self._audit.bind(source="human", role=role)
         if not policy.may_kill(role, identity.uid, creator_uid=session.creator.uid):
-            audit.write("denied", content="force_kill")
+            audit.note("denied", content="force_kill")
             raise RequestError(
                 "only an admin or the session's creator may kill it", code=ErrorCode.FORBIDDEN
             )
@@ -179,23 +220,27 @@ class Connection:
     async def _attached(self, session: Session, att: Attachment) -> None:
         """Serve an attached client until it leaves, the session ends or it is cut off."""
         reason = "connection closed"
+        inflow = _inflow(session, att)
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
             nursery.start_soon(self._write_loop, att.outbox, scope)
+            nursery.start_soon(inflow.run)
             # once the outbox is closed, the write loop has its grace to flush, no more
             att.outbox.on_close = functools.partial(_flush_deadline, scope)
             if att.outbox.closed:  # closed before we got here (the agent ended at once)
                 _flush_deadline(scope, att.outbox.flush_grace)
             try:
-                reason = await self._read_loop(Requests(session, att, self._hub.asys, nursery))
+                requests = Requests(session, att, self._hub.asys, nursery, inflow)
+                reason = await self._read_loop(requests)
             except ProtocolError as exc:
                 reason = f"protocol error: {exc}"
-                att.audit.write(
+                att.audit.note(
                     "protocol_error", source="system", content=str(exc), metadata={"code": exc.code}
                 )
                 att.send(m.Error(exc.code, str(exc)))
             finally:
                 # leave at once; the write loop gets the outbox's grace to flush
+                inflow.close()
                 session.detach(att, reason)
                 att.outbox.close()
 
@@ -222,6 +267,23 @@ class Connection:
             pass
         finally:
             scope.cancel()
+
+
+def _inflow(session: Session, att: Attachment) -> Inflow:
+    """The client's input: to the session, credit back to the client, refusals told."""
+
+    async def deliver(data: bytes | None) -> None:
+        if data is None:
+            await session.input_eof(att)
+        else:
+            await session.input(att, data)
+
+    return Inflow(
+        att.input_window,
+        deliver,
+        grant=lambda n: att.send(m.InputCredit(n)),
+        refuse=lambda text: att.send(m.Error(ErrorCode.AUDIT, text)),
+    )
 
 
 def _flush_deadline(scope: trio.CancelScope, grace: float) -> None:

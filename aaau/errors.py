@@ -29,6 +29,8 @@ class ErrorCode(enum.StrEnum):
     SHUTDOWN = "server-shutdown"
     REVOKED = "revoked"  # the right to be attached was withdrawn (reload)
     INTERNAL = "internal"  # a bug on the server's side, logged there
+    AUDIT = "audit-unavailable"  # the audit log cannot record it now: refused, try later
+    RATE = "rate-limited"  # too many requests: some were dropped
 
 
 class ProtocolError(Exception):

@@ -19,6 +19,7 @@ import attrs
 from . import codec, policy
 from . import messages as m
 from .audit import BoundAudit
+from .config import Config
 from .errors import ErrorCode, RequestError
 from .outbox import Outbox
 from .policy import Identity, Standing
@@ -36,6 +37,7 @@ class Attachment:
     outbox: Outbox
     audit: BoundAudit  # bound to this client: user, uid, role, session, client id
     client_id: int
+    input_window: int = 0  # bytes of input in flight (0: may not type)
 
     def info(self) -> m.ClientInfo:
         return m.ClientInfo(self.client_id, self.identity.user, self.identity.uid, self.role)
@@ -54,15 +56,13 @@ class Members:
         *,
         creator_uid: int,
         shared: bool,
-        limit: int,
-        queue_bytes: int,
+        config: Config,
     ) -> None:
         self._session_id = session_id
         self._audit = audit  # bound to the session
         self._creator_uid = creator_uid
         self._shared = shared
-        self.limit = limit  # clients at once
-        self.queue_bytes = queue_bytes  # for the eviction record
+        self.config = config
         self._clients: dict[int, Attachment] = {}
 
     def __len__(self) -> int:
@@ -89,16 +89,18 @@ class Members:
         created: bool,
     ) -> Attachment:
         """A new attachment, recorded; not yet told anything, not yet receiving output."""
-        if len(self._clients) >= self.limit:
-            raise RequestError(
-                f"session {self._session_id} already has {len(self._clients)} clients "
-                f"(limit {self.limit})",
-                code=ErrorCode.LIMIT,
-            )
+        self._check_room(identity, standing)
         role = policy.grant(self.max_role(identity, standing), requested)
         client_id = next(_client_ids)
+        window = self.config.input_window if policy.may_write(role) else 0
         att = Attachment(
-            identity, standing, role, outbox, self._bind(identity, role, client_id), client_id
+            identity,
+            standing,
+            role,
+            outbox,
+            self._bind(identity, role, client_id),
+            client_id,
+            window,
         )
         att.audit.write(
             "join",
@@ -109,6 +111,27 @@ class Members:
             },
         )
         return att
+
+    def _check_room(self, identity: Identity, standing: Standing) -> None:
+        """A place for ``identity``: the last ``reserved_clients`` are the creator's and
+        admins'; anyone else may hold at most ``observers_per_user`` of them."""
+        cfg, count = self.config, len(self._clients)
+        privileged = standing is Standing.ADMIN or identity.uid == self._creator_uid
+        limit = cfg.clients_per_session - (0 if privileged else cfg.reserved_clients)
+        if count >= limit:
+            kept = "" if privileged else f", {cfg.reserved_clients} kept for its creator and admins"
+            raise RequestError(
+                f"session {self._session_id} already has {count} clients "
+                f"(limit {cfg.clients_per_session}{kept})",
+                code=ErrorCode.LIMIT,
+            )
+        mine = sum(1 for att in self._clients.values() if att.identity.uid == identity.uid)
+        if not privileged and mine >= cfg.observers_per_user:
+            raise RequestError(
+                f"{identity.user} already has {mine} clients in session {self._session_id} "
+                f"(limit {cfg.observers_per_user})",
+                code=ErrorCode.LIMIT,
+            )
 
     def add(self, att: Attachment) -> None:
         """From now on ``att`` gets every frame; the others hear it joined."""
@@ -132,23 +155,23 @@ class Members:
     def leave(self, att: Attachment, reason: str) -> None:
         """The client left (or its connection ended); its outbox is its connection's."""
         if self._clients.pop(att.client_id, None) is not None:
-            att.audit.write("leave", content=reason)
+            att.audit.note("leave", content=reason)
             self.broadcast(m.Left(att.info()))
 
     def _evict(self, att: Attachment) -> None:
         """Its outbox overflowed (the connection says ``too-slow``): out it goes."""
         if self._clients.pop(att.client_id, None) is not None:
-            att.audit.write(
+            att.audit.note(
                 "client_evicted",
                 source="system",
-                content=f"client fell more than {self.queue_bytes} bytes behind",
+                content=f"client fell more than {att.outbox.limit} bytes behind",
             )
             self.broadcast(m.Left(att.info()))
 
     def revoke(self, att: Attachment, reason: str) -> None:
         """Hang up on a client whose right to be here is gone."""
         if self._clients.pop(att.client_id, None) is not None:
-            att.audit.write("client_revoked", source="system", content=reason)
+            att.audit.note("client_revoked", source="system", content=reason)
             att.send(m.Error(ErrorCode.REVOKED, reason))
             att.outbox.close()
             self.broadcast(m.Left(att.info()))
@@ -160,7 +183,7 @@ class Members:
         if att.role.rank > allowed.rank:
             previous, att.role = att.role, allowed
             att.audit = self._bind(identity, allowed, att.client_id)
-            att.audit.write(
+            att.audit.note(
                 "role_changed", source="system", content=f"{previous.value} -> {allowed.value}"
             )
             att.send(m.RoleChanged(allowed, "group membership changed"))

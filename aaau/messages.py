@@ -16,7 +16,7 @@ from attrs import validators as v
 from .errors import ErrorCode
 
 #: The protocol version this code speaks. A peer announcing another is refused.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_DIMENSION = 9999
 MAX_ARGV = 256
@@ -226,7 +226,11 @@ class SessionInfo:
 
 @attrs.frozen
 class Welcome:
-    """The handshake succeeded: the client is attached with ``role``."""
+    """The handshake succeeded: the client is attached with ``role``.
+
+    ``input_window``: how many bytes of input the client may have in flight
+    (sent and not yet credited back by ``input_credit``); 0 for ReadOnly.
+    """
 
     version: int
     session_id: str
@@ -235,6 +239,14 @@ class Welcome:
     rows: int
     cols: int
     client_id: int
+    input_window: int = 0
+
+
+@attrs.frozen
+class InputCredit:
+    """``bytes`` more of input may be sent: that much was handed to the agent (or refused)."""
+
+    bytes: int
 
 
 @attrs.frozen
@@ -350,4 +362,5 @@ ServerMessage = (
     | Sessions
     | Done
     | AsysResult
+    | InputCredit
 )

@@ -129,11 +129,18 @@ class PtyReader:
 
 
 class PtyInput:
-    """The one way input reaches the agent: recorded, then written, in order."""
+    """The one way input reaches the agent: recorded, then written, in order.
+
+    Each piece is recorded as it is accepted (``input``/``input_eof``; if the
+    log cannot take it, :class:`aaau.audit.AuditUnavailable` is raised and
+    nothing is written), then written at once if nothing is queued before it,
+    or queued for the writer task. What is still queued when the session ends
+    is recorded as ``input_dropped``.
+    """
 
     def __init__(self, master: PtyMaster) -> None:
         self._master = master
-        self._send, self._receive = trio.open_memory_channel[tuple[BoundAudit, bytes | None, bool]](
+        self._send, self._receive = trio.open_memory_channel[tuple[BoundAudit, bytes | None]](
             INPUT_QUEUE
         )
         self._pending = 0  # pieces handed to the writer and not yet written
@@ -144,31 +151,32 @@ class PtyInput:
         if not data:
             await trio.lowlevel.checkpoint()
             return
+        audit.write_bytes("input", data)
         if not self._pending:
-            audit.write_bytes("input", data)
             try:
                 written = self._master.write_nowait(data)
             except OSError:
                 await trio.lowlevel.checkpoint()
                 return  # the terminal is gone: the session is ending
             self._note(data[:written])
-            if written == len(data):
+            data = data[written:]
+            if not data:
                 await trio.lowlevel.checkpoint()
                 return
-            await self._enqueue(audit, data[written:], recorded=True)
-            return
-        await self._enqueue(audit, data, recorded=False)
+        await self._enqueue(audit, data)
 
     async def send_eof(self, audit: BoundAudit) -> None:
         """End of input: the terminal's EOF character, in order with the input."""
-        await self._enqueue(audit, None, recorded=False)
+        audit.write("input_eof")
+        await self._enqueue(audit, None)
 
-    async def _enqueue(self, audit: BoundAudit, data: bytes | None, *, recorded: bool) -> None:
+    async def _enqueue(self, audit: BoundAudit, data: bytes | None) -> None:
         self._pending += 1
         try:
-            await self._send.send((audit, data, recorded))
+            await self._send.send((audit, data))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._pending -= 1
+            self._dropped(audit, data)
 
     def _note(self, written: bytes) -> None:
         if written:
@@ -181,22 +189,35 @@ class PtyInput:
 
     async def run(self) -> None:
         """The writer task: what could not be written at once, in arrival order."""
-        async for audit, data, recorded in self._receive:
+        async for audit, data in self._receive:
+            piece = self._eof_bytes() if data is None else data
             try:
-                if data is None:
-                    audit.write("input_eof")
-                    data = self._eof_bytes()
-                elif not recorded:
-                    audit.write_bytes("input", data)
-                await self._master.send_all(data)
+                await self._master.send_all(piece)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._dropped(audit, data)
                 return
             finally:
                 self._pending -= 1
-            self._note(data)
+            self._note(piece)
 
     def close(self) -> None:
+        """No more input; the writer writes what is queued, then ends."""
         self._send.close()
+
+    def abandon(self) -> None:
+        """The agent has ended: what was accepted and never written is recorded so."""
+        self._send.close()
+        while True:
+            try:
+                audit, data = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            self._dropped(audit, data)
+
+    @staticmethod
+    def _dropped(audit: BoundAudit, data: bytes | None) -> None:
+        what = "end of input" if data is None else f"{len(data)} bytes"
+        audit.note("input_dropped", content=f"{what} never reached the agent: it ended")
 
 
 class Scrollback:

@@ -6,10 +6,17 @@ client's role may not send is refused in one place (:meth:`Requests._deny`):
 a ``denied`` record, a ``forbidden`` error to that client, nothing else
 happens. DATA frames (typed input) follow the same table.
 
-ASys requests run in tasks of their own in the connection's nursery, so a
-keystroke never waits behind a slow instruction; at most
+Typed input is pushed into the client's :class:`aaau.inflow.Inflow` (never
+waited on here), so a control message is acted on at once even while the
+agent is not reading. ASys requests run in tasks of their own in the
+connection's nursery, so nothing waits behind a slow instruction; at most
 :data:`ASYS_IN_FLIGHT` run at once per connection, and one more is answered
 ``6400`` (busy: back off) at once.
+
+Control messages are limited per client (``control_rate``/``control_burst``):
+past that they are dropped, the client hears so once per episode, and one
+``rate_limited`` record says how many. A request whose record the audit log
+cannot take is refused (``audit-unavailable``), never acted on unrecorded.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import trio
 
 from . import asys, codec, policy
 from . import messages as m
+from .audit import AuditUnavailable
 from .errors import ErrorCode, ProtocolError
+from .inflow import Inflow
+from .limits import Overflow, TokenBucket
 from .members import Attachment
 from .protocol import Frame, Kind
 from .session import Session
@@ -66,12 +76,17 @@ class Requests:
         att: Attachment,
         asys_scope: asys.ServerScope,
         nursery: trio.Nursery,
+        inflow: Inflow,
     ) -> None:
         self.session = session
         self.att = att
         self._asys = asys_scope
         self._nursery = nursery
+        self._inflow = inflow
         self._asys_running = 0
+        cfg = session.config
+        self._rate = TokenBucket(cfg.control_rate, cfg.control_burst)
+        self._dropped = Overflow()
 
     async def dispatch(self, frame: Frame) -> None:
         """Act on one frame. Raises Detached, or ProtocolError for a bad one."""
@@ -84,29 +99,54 @@ class Requests:
         else:
             msg = codec.decode_client(frame.payload)
             rule = _RULES.get(type(msg))
+            if not self._within_rate():
+                return
         if rule is None:
             raise ProtocolError(
-                    f"{codec.tag_of(type(msg))} is not allowed inside a session",
-                    code=ErrorCode.BAD_MESSAGE,
-                )
+                f"{codec.tag_of(type(msg))} is not allowed inside a session",
+                code=ErrorCode.BAD_MESSAGE,
+            )
         if rule.permitted is not None and not rule.permitted(self.att, self.session):
             self._deny(rule)
             return
-        if rule.control_record:
-            self.att.audit.write("control", content=codec.tag_of(type(msg)))
-        await rule.handler(self, msg)
+        try:
+            if rule.control_record:
+                self.att.audit.write("control", content=codec.tag_of(type(msg)))
+            await rule.handler(self, msg)
+        except AuditUnavailable as exc:
+            what = "input" if frame.kind is Kind.DATA else codec.tag_of(type(msg))
+            text = f"the audit log cannot record it now ({exc}): {what} refused"
+            self.att.send(m.Error(ErrorCode.AUDIT, text))
+
+    def _within_rate(self) -> bool:
+        if self._rate.take(trio.current_time()):
+            if dropped := self._dropped.allow():
+                self.att.audit.note(
+                    "rate_limited", source="system", metadata={"messages_dropped": dropped}
+                )
+            return True
+        if self._dropped.refuse():
+            cfg = self.session.config
+            self.att.send(
+                m.Error(
+                    ErrorCode.RATE,
+                    f"more than {cfg.control_rate:g} control messages a second "
+                    f"(bursts of {cfg.control_burst}): dropping them until you slow down",
+                )
+            )
+        return False
 
     def _deny(self, rule: Rule) -> None:
-        self.att.audit.write("denied", content=rule.action)
+        self.att.audit.note("denied", content=rule.action)
         self.att.send(m.Error(ErrorCode.FORBIDDEN, rule.refusal))
 
     # --- handlers ------------------------------------------------------------------
 
     async def _input(self, data: bytes) -> None:
-        await self.session.input(self.att, data)
+        self._inflow.push(data)
 
     async def _input_eof(self, _msg: m.InputEof) -> None:
-        await self.session.input_eof(self.att)
+        self._inflow.push_eof()
 
     async def _resize(self, msg: m.Resize) -> None:
         self.session.resize(self.att, msg.rows, msg.cols)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 from typing import Any, Final
 
@@ -48,6 +49,13 @@ CONNECTION_DRAIN: Final = 1.0
 __all__ = ["Server", "StartupError"]
 
 
+def _raise_fd_limit() -> None:
+    """Every fd the hard limit allows: systemd's default soft limit (1024) is too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Server:
     def __init__(
         self,
@@ -70,6 +78,7 @@ class Server:
         """Serve until stopped; ``task_status.started()`` once clients can connect."""
         if os.geteuid() != 0:
             raise StartupError("aaau-server run must be started as root")
+        _raise_fd_limit()
         cfg = self.config
         identities = Identities(cfg)
         groups = credentials.resolve_groups(identities.agent_uids(), cfg.group, cfg.admin_group)
@@ -85,7 +94,7 @@ class Server:
             lock.release()
             raise
         pid = os.getpid()
-        audit.write(
+        audit.note(
             "server_start",
             content=f"pid {pid}",
             metadata={"socket": cfg.socket, "pid": pid, "agent_user": cfg.agent_user},
@@ -94,8 +103,9 @@ class Server:
         sessions: Sessions | None = None
         try:
             for user in await identities.recover():
-                audit.write("identity_reset", content=user, metadata={"reason": "start"})
+                audit.note("identity_reset", content=user, metadata={"reason": "start"})
             async with trio.open_nursery() as sessions_nursery:
+                await sessions_nursery.start(audit.keep)
                 sessions = Sessions(
                     cfg, audit, sessions_nursery, identities, spawner=self._spawner
                 )
@@ -113,7 +123,7 @@ class Server:
                     os.unlink(cfg.socket)
             lock.release()
             identities.unlock()
-            audit.write(
+            audit.note(
                 "server_stop",
                 content=f"pid {pid}",
                 metadata={"sessions_left": len(sessions) if sessions is not None else 0},
@@ -172,7 +182,7 @@ class Server:
             fresh = load(self.config_file).with_overrides(**self.overrides)
         except Exception as exc:
             log.error("reload-failed", error=str(exc))
-            hub.audit.write("reload_failed", content=str(exc))
+            hub.audit.note("reload_failed", content=str(exc))
             return
         # the socket, the agent users and the directories only change on restart
         cfg = fresh.with_overrides(
@@ -181,8 +191,13 @@ class Server:
         groups = credentials.resolve_groups(
             hub.sessions.agent_uids(), cfg.group, cfg.admin_group
         )
-        hub.audit.reopen(gid=groups.admin_gid)
-        self.config = hub.config = hub.asys.config = cfg
+        try:
+            hub.audit.reopen(gid=groups.admin_gid)
+        except OSError as exc:  # keep writing to the file we have
+            why = f"cannot reopen {hub.audit.path}: {exc.strerror or exc}; kept the open file"
+            log.error("reload-failed", error=why)
+            hub.audit.note("reload_failed", content=why)
+        self.config = hub.config = hub.asys.config = hub.occupancy.config = cfg
         hub.groups = groups
-        hub.audit.write("reload", content="configuration and group membership reloaded")
+        hub.audit.note("reload", content="configuration and group membership reloaded")
         hub.sessions.reload(cfg, groups, hub.identify)

@@ -32,6 +32,7 @@ from .outbox import Outbox
 from .policy import Identity, Standing
 from .protocol import data_frame
 from .pty import PtyInput, PtyMaster, PtyReader, Scrollback
+from .recording import OutputRecording
 from .spawn import Agent, Spawner, SpawnPlan
 
 #: the most one PTY read burst publishes as a chunk (also kept under a quarter
@@ -88,13 +89,9 @@ class Session:
         self.scrollback = Scrollback(config.scrollback_bytes)
         self._audit = audit.bind(session_id=session_id)
         self.members = Members(
-            session_id,
-            self._audit,
-            creator_uid=creator.uid,
-            shared=shared,
-            limit=config.clients_per_session,
-            queue_bytes=config.client_queue_bytes,
+            session_id, self._audit, creator_uid=creator.uid, shared=shared, config=config
         )
+        self.recording = OutputRecording(self._audit, config)
         self._spawner = spawner
         self._on_end = on_end
         self._ended = trio.Event()
@@ -150,7 +147,7 @@ class Session:
         return max(4096, min(READ_SIZE, self.config.client_queue_bytes // 4))
 
     def _audit_start(self, agent: Agent) -> None:
-        self._audit.write(
+        self._audit.note(
             "session_start",
             user=self.creator.user,
             uid=self.creator.uid,
@@ -174,15 +171,20 @@ class Session:
             await self.asys.close()
         self.exit_status = _exit_status(agent.process.returncode)
         code, sig = self.exit_status.code, self.exit_status.signal
-        self._audit.write(
+        self._audit.note(
             "session_end",
             user=self.creator.user,
             uid=self.creator.uid,
             content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
-            metadata={"exit_code": code, "signal": sig, "force_killed": self.killed_by is not None},
+            metadata={
+                "exit_code": code,
+                "signal": sig,
+                "force_killed": self.killed_by is not None,
+                "output_not_recorded": self.recording.not_recorded,
+            },
         )
         self.members.hang_up_all(self.exit_status, self.config.shutdown_grace)
-        self._input.close()
+        self._input.abandon()
         await self._pty.aclose()
         await self._spawner.release(agent)
         self.state = SessionState.ENDED
@@ -196,8 +198,7 @@ class Session:
         self.members.fan_out(data_frame(data))
         # recorded right after it is handed on, off the echo's critical path; input,
         # which has an effect, is recorded before it is written
-        if self.config.record_output:
-            self._audit.write_bytes("output", data, source="agent")
+        self.recording.record(data)
         self.scrollback.append(data)
 
     def attach(
@@ -215,7 +216,14 @@ class Session:
         att = self.members.join(identity, standing, outbox, requested, created=created)
         att.send(
             m.Welcome(
-                m.PROTOCOL_VERSION, self.id, att.role, created, self.rows, self.cols, att.client_id
+                m.PROTOCOL_VERSION,
+                self.id,
+                att.role,
+                created,
+                self.rows,
+                self.cols,
+                att.client_id,
+                att.input_window,
             )
         )
         if history := self.scrollback.snapshot():
@@ -232,8 +240,8 @@ class Session:
         """A reloaded configuration: limits apply from now on."""
         self.config = config
         self.scrollback.limit = config.scrollback_bytes
-        self.members.limit = config.clients_per_session
-        self.members.queue_bytes = config.client_queue_bytes
+        self.members.config = config
+        self.recording.reconfigure(config)
 
     # --- requests ---------------------------------------------------------------------
 
@@ -259,7 +267,8 @@ class Session:
 
     def force_kill(self, audit: BoundAudit) -> None:
         """FORCE_KILL by whoever ``audit`` is bound to (the caller checked the right)."""
-        record = audit.write("force_kill", source="human", content="FORCE_KILL")
+        # never refused for want of a record: it may be what stops an agent filling the disk
+        record = audit.note("force_kill", source="human", content="FORCE_KILL")
         self.kill_all(record.user)
 
     def kill_all(self, by: str) -> None:

@@ -30,6 +30,14 @@ log = structlog.get_logger("aaau.sessions")
 Identify = Callable[[int, int, int], Identity]
 
 
+def new_session_id() -> str:
+    """128 random bits, URL-safe; never starting with "-", which a command line would
+    take for an option."""
+    while (session_id := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return session_id
+
+
 class Sessions:
     def __init__(
         self,
@@ -99,7 +107,13 @@ class Sessions:
     ) -> tuple[Session, Attachment]:
         """Start a session for ``identity``; its creator is attached with ``outbox``."""
         self._check_limits(identity)
-        session_id = secrets.token_urlsafe(16)
+        if not self._audit.available:
+            raise RequestError(
+                f"the audit log cannot be written now ({self._audit.failure}): "
+                "no new sessions until it can",
+                code=ErrorCode.AUDIT,
+            )
+        session_id = new_session_id()
         audit = self._audit.bind(user=identity.user, uid=identity.uid, session_id=session_id)
         account = self._identities.acquire(identity, session_id)
         try:
@@ -135,7 +149,7 @@ class Sessions:
                 exc = spawn.SpawnError(f"cannot start the agent: {exc.strerror or exc}")
             if not isinstance(exc, spawn.SpawnError):
                 raise
-            audit.write("spawn_failed", content=str(exc), metadata={"argv": list(plan.argv)})
+            audit.note("spawn_failed", content=str(exc), metadata={"argv": list(plan.argv)})
             raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
         log.info("session-started", session_id=session_id, user=identity.user)
         return session, att
@@ -148,7 +162,7 @@ class Sessions:
         if account is not None:
             await self._identities.release(account)
             if account.ephemeral:
-                self._audit.write(
+                self._audit.note(
                     "identity_reset",
                     session_id=session.id,
                     content=account.user,

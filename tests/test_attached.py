@@ -153,7 +153,12 @@ async def test_the_exit_status_reaches_everyone_and_the_session_is_gone(ip: InPr
         await peer.until_closed()
     assert b"bye" in alice.output
     (end,) = ip.records("session_end", session_id=welcome.session_id)
-    assert end["metadata"] == {"exit_code": 3, "signal": None, "force_killed": False}
+    assert end["metadata"] == {
+        "exit_code": 3,
+        "signal": None,
+        "force_killed": False,
+        "output_not_recorded": 0,
+    }
     _, reply = await ip.join("alice", welcome.session_id)
     assert isinstance(reply, m.Error) and reply.code == "unknown-session"
     assert ip.spawner.released == ip.spawner.started  # everything given back
@@ -320,17 +325,43 @@ async def test_reload_revokes_a_member_who_lost_the_group_and_lowers_an_admin(
 
 
 async def test_limits_are_enforced_with_clear_errors(tmp_path: Path, nursery: trio.Nursery) -> None:
-    ip = open_in_process(tmp_path, nursery, sessions_per_user=1, clients_per_session=2)
+    ip = open_in_process(
+        tmp_path, nursery, sessions_per_user=1, clients_per_session=4, reserved_clients=1
+    )
     alice, welcome = await ip.create("alice", ("cat",))
+    sid = welcome.session_id
     again = await ip.connect("alice", m.Create(V, rows=24, cols=80, term="xterm", argv=("cat",)))
     error = await again.expect(m.Error)
     assert error == m.Error("limit", "alice already runs 1 sessions (limit 1)")
-    _, reply = await ip.join("bob", welcome.session_id)
-    assert isinstance(reply, m.Welcome)
-    _, reply = await ip.join("ada", welcome.session_id)
+    for _ in range(2):
+        _, reply = await ip.join("bob", sid)
+        assert isinstance(reply, m.Welcome)
+    # the last place is kept: another member is refused, an admin gets it
+    _, reply = await ip.join("bob", sid)
     assert reply == m.Error(
-        "limit", f"session {welcome.session_id} already has 2 clients (limit 2)"
+        "limit",
+        f"session {sid} already has 3 clients (limit 4, 1 kept for its creator and admins)",
     )
+    _, reply = await ip.join("ada", sid)
+    assert isinstance(reply, m.Welcome)
+    _, reply = await ip.join("ada", sid)
+    assert reply == m.Error("limit", f"session {sid} already has 4 clients (limit 4)")
+
+
+async def test_one_member_cannot_fill_a_session_with_observers(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    ip = open_in_process(tmp_path, nursery, observers_per_user=2)
+    alice, welcome = await ip.create("alice", ("cat",))
+    sid = welcome.session_id
+    for _ in range(2):
+        _, reply = await ip.join("bob", sid, m.Role.READONLY)
+        assert isinstance(reply, m.Welcome)
+    _, reply = await ip.join("bob", sid, m.Role.READONLY)
+    assert reply == m.Error("limit", f"bob already has 2 clients in session {sid} (limit 2)")
+    for user in ("alice", "ada", "ada", "ada"):  # the creator and admins are not held to it
+        _, reply = await ip.join(user, sid)
+        assert isinstance(reply, m.Welcome), reply
 
 
 async def test_a_program_that_cannot_start_leaves_no_session(ip: InProcess) -> None:

@@ -19,7 +19,7 @@ import trio
 
 from .. import codec
 from .. import messages as m
-from ..audit import AuditLog
+from ..audit import AuditLog, AuditUnavailable
 from ..cgroups import SessionCgroups
 from ..config import Config
 from ..messages import Role
@@ -106,13 +106,18 @@ def allowed_instructions(ctx: Context) -> list[str]:
 async def call(ctx: Context, msg: m.AsysCall | m.AsysRequest) -> m.AsysResult:
     """One instruction for a caller: recorded before it runs and after, with its answer."""
     audit = ctx.bind_audit()
-    audit.write(
-        "asys_request",
-        content=msg.instruction,
-        metadata={"request_id": msg.request_id, "args": msg.args},
-    )
+    try:
+        audit.write(
+            "asys_request",
+            content=msg.instruction,
+            metadata={"request_id": msg.request_id, "args": msg.args},
+        )
+    except AuditUnavailable as exc:  # never run unrecorded; transient: back off
+        sw = SW.BLOCKED
+        text = f"the audit log cannot record it now ({exc}): not run"
+        return m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, None, text)
     sw, result, message = await dispatch(msg.instruction, msg.args, ctx)
-    audit.write(
+    audit.note(
         "asys_result",
         content=f"{msg.instruction} {sw}",
         metadata={"request_id": msg.request_id, "sw": sw, "message": message, "result": result},

@@ -20,12 +20,15 @@ import time
 from typing import Any
 
 import attrs
+import structlog
 import trio
 
 from .. import __version__, procfs, reaper
 from ..cgroups import Hierarchies
 from ..messages import PROTOCOL_VERSION
 from .base import SW, AsysError, Context, Instruction, NoArgs
+
+log = structlog.get_logger("aaau.asys")
 
 ASYS_VERSION = "1.0"
 _NODE_ID_APP_KEY = b"aaau node id v1"
@@ -168,14 +171,20 @@ class StatusSampler:
         self._ready = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        prev = _raw()
+        """For the server's life; a failed read (no fds left, say) is logged and skipped."""
+        prev: _Raw | None = None
         task_status.started()
         while True:
+            try:
+                cur = _raw()
+            except OSError as exc:
+                log.warning("status-sample-failed", error=str(exc))
+            else:
+                if prev is not None:
+                    self.snapshot = status_snapshot(prev, cur)
+                    self._ready.set()
+                prev = cur
             await trio.sleep(self.interval)
-            cur = _raw()
-            self.snapshot = status_snapshot(prev, cur)
-            self._ready.set()
-            prev = cur
 
     async def get(self) -> dict[str, Any]:
         await self._ready.wait()

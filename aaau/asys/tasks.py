@@ -107,7 +107,7 @@ async def _run(ctx: Context, task: Task, argv: list[str]) -> None:
         task.exit_code = result.returncode
         task.state = TaskState.SUCCESS if result.returncode == 0 else TaskState.FAILED
         task.stderr = result.stderr.decode("utf-8", "replace")[-500:]
-    ctx.bind_audit().write(
+    ctx.bind_audit().note(
         "asys_task_done",
         source="system",
         content=f"SVC_RESTART {task.service}: {task.state}",
