@@ -150,9 +150,9 @@ class AuditLog:
 
     def write(self, command_type: str, **fields: Any) -> AuditRecord:
         """Record, or raise :class:`AuditUnavailable` (and the caller does nothing)."""
+        self._flush()  # what was kept goes first, so sequence numbers stay in order
         record, line = self._record(command_type, **fields)
         try:
-            self._flush()
             self._emit(line)
         except AuditUnavailable:
             self._seq -= 1  # never written, never happened: no gap in the sequence

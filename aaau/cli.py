@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -26,9 +27,28 @@ ALIASES = {
 }
 
 
+class _NeverFails:
+    """The operational log's stream: a full disk or a closed pipe must not take a caller
+    down (the audit log's failure path logs, and must not fail for logging)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+
 def configure_logging(stream: Any = None) -> None:
     """Operational logs (not the audit log): JSON lines on stderr, console on a tty."""
-    stream = stream or sys.stderr
+    stream = _NeverFails(stream or sys.stderr)
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if stream.isatty() else structlog.processors.JSONRenderer()
     )
