@@ -19,12 +19,13 @@ import contextlib
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Final
 
 import attrs
 import structlog
 import trio
+
+from . import paths
 
 log = structlog.get_logger("aaau.audit")
 
@@ -97,20 +98,27 @@ class AuditLog:
     @classmethod
     def open_in(cls, log_dir: str, *, gid: int | None) -> AuditLog:
         """``audit.jsonl`` in ``log_dir``, made ``root:gid 0750`` if it is missing."""
-        directory = Path(log_dir)
-        if not directory.is_dir():
-            directory.mkdir(mode=0o750, parents=True)
-            os.chown(directory, 0, gid if gid is not None else 0)
-        return cls(str(directory / "audit.jsonl"), gid=gid)
+        fd = paths.open_dir(log_dir, create=(0, gid if gid is not None else 0, 0o750))
+        os.close(fd)
+        return cls(os.path.join(log_dir, "audit.jsonl"), gid=gid)
 
     @property
     def available(self) -> bool:
         return self.failure is None and not self._pending
 
     def reopen(self, *, gid: int | None = None) -> None:
-        """(Re)open the file, as after a log rotation; the old one stays if this fails."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(self.path, flags, 0o640)
+        """(Re)open the file, as after a log rotation; the old one stays if this fails.
+
+        The directory is checked and the file opened without following a link
+        (:mod:`aaau.paths`): root never appends to a file someone else chose.
+        """
+        directory, name = paths.directory_of(self.path)
+        dir_fd = paths.open_dir(directory)
+        try:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            fd = paths.open_file(dir_fd, name, flags, 0o640, directory)
+        finally:
+            os.close(dir_fd)
         try:
             os.fchmod(fd, 0o640)
             if gid is not None:

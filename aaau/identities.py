@@ -35,6 +35,7 @@ import attrs
 import structlog
 import trio
 
+from . import paths
 from .config import Config, IdentityMode
 from .errors import ErrorCode, RequestError, StartupError
 from .policy import Groups, Identity
@@ -133,17 +134,21 @@ class Identities:
             )
         self._bindings = self._load()
 
+    def _state_dir(self) -> int:
+        """The checked state directory (made ``root:root 0755`` if missing)."""
+        return paths.open_dir(self._config.state_dir, create=(0, 0, 0o755))
+
     def _load(self) -> dict[int, str]:
+        dir_fd = self._state_dir()
         try:
-            fd = os.open(self._state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = paths.open_file(dir_fd, STATE_FILE, os.O_RDONLY, 0, self._config.state_dir)
         except FileNotFoundError:
             return {}
-        except OSError as exc:
-            raise StartupError(f"cannot read {self._state_path}: {exc.strerror}") from None
+        finally:
+            os.close(dir_fd)
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_uid != 0 or st.st_mode & 0o077:
-                raise StartupError(f"{self._state_path} must be owned by root, mode 0600")
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise StartupError(f"{self._state_path} must be mode 0600")
             try:
                 data = json.loads(f.read())
                 return {int(uid): str(user) for uid, user in data["members"].items()}
@@ -151,27 +156,32 @@ class Identities:
                 raise StartupError(f"{self._state_path} is damaged: {exc}") from None
 
     def _save(self) -> None:
-        directory = self._state_path.parent
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = directory / f".{STATE_FILE}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": 1, "members": {str(k): v for k, v in self._bindings.items()}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
+        dir_fd = self._state_dir()
+        try:
+            tmp = f".{STATE_FILE}.{os.getpid()}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            with os.fdopen(fd, "w") as f:
+                members = {str(k): v for k, v in self._bindings.items()}
+                json.dump({"version": 1, "members": members}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, STATE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def lock(self) -> None:
         """Hold the pool for this server's life: two servers must never share one."""
         if self.mode is IdentityMode.SHARED:
             return
-        directory = Path(self._config.state_dir)
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(
-            directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        directory = self._config.state_dir
+        dir_fd = self._state_dir()
+        try:
+            fd = paths.open_file(dir_fd, LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600, directory)
+        finally:
+            os.close(dir_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -252,11 +262,21 @@ class Identities:
 
 
 def _with_home(account: Account) -> Account:
-    """The account, with its home made (0700, its own) if it is missing."""
-    home = Path(account.home)
-    if not home.is_dir():
-        home.mkdir(mode=0o700)
-        os.chown(home, account.uid, account.gid)
+    """The account, with its home made (0700, its own) if it is missing.
+
+    The homes' parent is checked (:mod:`aaau.paths`): root never makes a home in a
+    directory another user could change under it.
+    """
+    parent, name = paths.directory_of(account.home)
+    dir_fd = paths.open_dir(parent, create=(0, 0, 0o755))
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            return account
+        os.chown(name, account.uid, account.gid, dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        os.close(dir_fd)
     return account
 
 

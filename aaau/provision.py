@@ -1,20 +1,28 @@
 """``aaau-server init``: the agent user, the groups, the directories, the PAM service.
 
-Idempotent. The repo's ``sysusers.d/aaau.conf`` and ``tmpfiles.d/aaau.conf``
-are rendered with the chosen names, applied with ``systemd-sysusers`` and
-``systemd-tmpfiles`` (or ``groupadd``/``useradd``/mkdir where those are
-missing) and installed under /etc so that /run/aaau returns at boot.
+Idempotent. The package's templates (``aaau/templates/sysusers.conf`` and
+``tmpfiles.conf``, read with :mod:`importlib.resources`) are rendered with the
+chosen names, installed under /etc with a name of this instance's own
+(``aaau.conf``, or ``aaau-GROUP.conf`` for another group) so that /run/aaau
+returns at boot, and applied with ``systemd-sysusers`` and ``systemd-tmpfiles``
+(or ``groupadd``/``useradd``/mkdir where those are missing).
+
+tmpfiles lines are written only for directories aaau owns: one that does not
+exist yet, or that this instance's conf already lists. An existing directory
+that is not aaau's (``/run`` for ``--socket /run/aaau.sock``, ``/tmp``, a
+home) gets no line: tmpfiles would otherwise take it over at every boot. The
+server checks such directories itself at start (:mod:`aaau.paths`).
 """
 
 from __future__ import annotations
 
 import grp
+import importlib.resources
 import os
 import pwd
 import shlex
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +65,11 @@ class Layout:
     def pool(self) -> list[str]:
         return pool_names(self.agent_user, self.agents)
 
+    @property
+    def conf_name(self) -> str:
+        """This instance's file name in sysusers.d and tmpfiles.d."""
+        return "aaau.conf" if self.group == "aaau" else f"aaau-{self.group}.conf"
+
     def home_of(self, user: str) -> str:
         """The shared agent user's home, or a pool user's beside it."""
         if user == self.agent_user:
@@ -65,12 +78,25 @@ class Layout:
 
 
 def _template(name: str) -> str:
-    """A shipped template: installed data files first, then the source tree."""
-    for base in (Path(sys.prefix) / "share" / "aaau", Path(__file__).resolve().parent.parent):
-        path = base / name
-        if path.is_file():
-            return path.read_text()
-    raise InitError(f"cannot find the template {name}")
+    """A template shipped in the package (aaau/templates)."""
+    return (importlib.resources.files("aaau") / "templates" / name).read_text()
+
+
+def _listed_in(tmpfiles: str) -> set[str]:
+    """The paths that tmpfiles.d text has lines for."""
+    return {
+        shlex.split(line)[1]
+        for line in tmpfiles.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+
+
+def _listed(conf: Path) -> set[str]:
+    """The paths this instance's installed tmpfiles conf already owns."""
+    try:
+        return _listed_in(conf.read_text())
+    except FileNotFoundError:
+        return set()
 
 
 def _render(text: str, substitute: Callable[[list[str]], list[list[str]]]) -> str:
@@ -98,10 +124,11 @@ def render_sysusers(layout: Layout) -> str:
         fields[1] = names.get(fields[1], fields[1])
         return [fields]
 
-    return _render(_template("sysusers.d/aaau.conf"), sub)
+    return _render(_template("sysusers.conf"), sub)
 
 
-def render_tmpfiles(layout: Layout) -> str:
+def render_tmpfiles(layout: Layout, ours: Callable[[str], bool] = lambda _path: True) -> str:
+    """tmpfiles.d lines for the directories ``ours`` says are aaau's."""
     paths = {
         "/run/aaau": os.path.dirname(layout.socket),
         "/var/log/aaau": layout.log_dir,
@@ -111,16 +138,17 @@ def render_tmpfiles(layout: Layout) -> str:
 
     def sub(fields: list[str]) -> list[list[str]]:
         if fields[1] == "/var/lib/aaau/agent":  # a private home for every agent user
-            return [
+            homes = [
                 [fields[0], layout.home_of(user), fields[2], user, user, *fields[5:]]
                 for user in [layout.agent_user, *layout.pool]
             ]
+            return [line for line in homes if ours(line[1])]
         fields[1] = paths.get(fields[1], fields[1])
         fields[3] = names.get(fields[3], fields[3])
         fields[4] = names.get(fields[4], fields[4])
-        return [fields]
+        return [fields] if ours(fields[1]) else []
 
-    return _render(_template("tmpfiles.d/aaau.conf"), sub)
+    return _render(_template("tmpfiles.conf"), sub)
 
 
 def _exists_user(name: str) -> bool:
@@ -236,24 +264,29 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
     before.update({f"directory {d}": os.path.isdir(d) for d in dirs})
 
     etc = Path(layout.sysconf_dir)
+    sysusers_conf = etc / "sysusers.d" / layout.conf_name
+    tmpfiles_conf = etc / "tmpfiles.d" / layout.conf_name
+    listed = _listed(tmpfiles_conf)
     sysusers = render_sysusers(layout)
-    tmpfiles = render_tmpfiles(layout)
+    tmpfiles = render_tmpfiles(layout, lambda path: not os.path.lexists(path) or path in listed)
     written = {
-        str(etc / "sysusers.d/aaau.conf"): _write(etc / "sysusers.d/aaau.conf", sysusers, 0o644),
-        str(etc / "tmpfiles.d/aaau.conf"): _write(etc / "tmpfiles.d/aaau.conf", tmpfiles, 0o644),
+        str(sysusers_conf): _write(sysusers_conf, sysusers, 0o644),
+        str(tmpfiles_conf): _write(tmpfiles_conf, tmpfiles, 0o644),
         # PAM only looks in /etc/pam.d, whatever --sysconf-dir says
         f"/etc/pam.d/{layout.pam_service}": _write(
             Path("/etc/pam.d") / layout.pam_service, PAM_SERVICE_TEXT, 0o644
         ),
     }
-    _apply_sysusers(layout, etc / "sysusers.d/aaau.conf")
+    _apply_sysusers(layout, sysusers_conf)
     _check(layout)  # the agent user exists now: check its groups again
-    _apply_tmpfiles(tmpfiles, etc / "tmpfiles.d/aaau.conf")
+    _apply_tmpfiles(tmpfiles, tmpfiles_conf)
 
     for thing, existed in before.items():
         out(f"{'exists ' if existed else 'created'} {thing}")
     for path, state in written.items():
         out(f"{state:9} {path}".replace("unchanged", "exists   "))
+    for directory in sorted(set(dirs) - _listed_in(tmpfiles)):
+        out(f"not ours  {directory} (it existed before: aaau-server run checks it at start)")
     out("")
     out("Next: add the people who may use agents to the group, then start the server:")
     out(

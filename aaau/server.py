@@ -15,6 +15,7 @@ import contextlib
 import os
 import resource
 import signal
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import structlog
@@ -22,11 +23,14 @@ import trio
 
 from . import asys, credentials
 from .audit import AuditLog
+from .cgroups import Hierarchies
 from .config import Config, load
 from .connection import Connection, Hub
 from .errors import StartupError
 from .identities import Identities
 from .listener import listen
+from .policy import Groups
+from .recovery import BaseLock, Ledger, recover
 from .sessions import Sessions
 from .spawn import Spawner
 
@@ -70,44 +74,23 @@ class Server:
         self.overrides = overrides or {}
         self._spawner = spawner
         self._shutdown = trio.Event()
+        self._sessions: Sessions | None = None
 
     def stop(self) -> None:
         self._shutdown.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stopped; ``task_status.started()`` once clients can connect."""
-        if os.geteuid() != 0:
-            raise StartupError("aaau-server run must be started as root")
-        _raise_fd_limit()
-        cfg = self.config
-        identities = Identities(cfg)
-        groups = credentials.resolve_groups(identities.agent_uids(), cfg.group, cfg.admin_group)
-        identities.check(groups)
-        audit = AuditLog.open_in(cfg.log_dir, gid=groups.admin_gid)
-        listener, lock = await listen(cfg.socket, groups.human_gid or 0)
-        try:
-            identities.lock()
-        except BaseException:
-            listener.socket.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.socket)
-            lock.release()
-            raise
-        pid = os.getpid()
-        audit.note(
-            "server_start",
-            content=f"pid {pid}",
-            metadata={"socket": cfg.socket, "pid": pid, "agent_user": cfg.agent_user},
-        )
-        log.info("listening", socket=cfg.socket, pid=pid)
-        sessions: Sessions | None = None
-        try:
+        async with self._resources() as (identities, groups, audit, listener):
+            cfg = self.config
+            ledger = Ledger(cfg.state_dir)
+            await recover(ledger, cfg.cgroup_base, audit)
             for user in await identities.recover():
                 audit.note("identity_reset", content=user, metadata={"reason": "start"})
             async with trio.open_nursery() as sessions_nursery:
                 await sessions_nursery.start(audit.keep)
-                sessions = Sessions(
-                    cfg, audit, sessions_nursery, identities, spawner=self._spawner
+                self._sessions = sessions = Sessions(
+                    cfg, audit, sessions_nursery, identities, spawner=self._spawner, ledger=ledger
                 )
                 scope = asys.ServerScope(cfg, audit, sessions_nursery)
                 self._hub = Hub(cfg, groups, audit, sessions, scope)
@@ -117,19 +100,46 @@ class Server:
                     await self._shut_down(sessions)
                     connections.cancel_scope.deadline = trio.current_time() + CONNECTION_DRAIN
                 sessions_nursery.cancel_scope.cancel()
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                if self._shutdown.is_set():
-                    os.unlink(cfg.socket)
-            lock.release()
-            identities.unlock()
+
+    @contextlib.asynccontextmanager
+    async def _resources(
+        self,
+    ) -> AsyncIterator[tuple[Identities, Groups, AuditLog, trio.SocketListener]]:
+        """What the server holds for its life, taken in order, given back in any case."""
+        if os.geteuid() != 0:
+            raise StartupError("aaau-server run must be started as root")
+        _raise_fd_limit()
+        cfg = self.config
+        identities = Identities(cfg)
+        groups = credentials.resolve_groups(identities.agent_uids(), cfg.group, cfg.admin_group)
+        identities.check(groups)
+        audit = AuditLog.open_in(cfg.log_dir, gid=groups.admin_gid)
+        with contextlib.ExitStack() as held:
+            held.callback(audit.close)
+            listener, lock = await listen(cfg.socket, groups.human_gid or 0)
+            held.callback(lock.release)
+            held.callback(self._remove_socket, listener)
+            identities.lock()
+            held.callback(identities.unlock)
+            held.callback(BaseLock(cfg.cgroup_base, Hierarchies.discover()).release)
+            pid = os.getpid()
             audit.note(
-                "server_stop",
+                "server_start",
                 content=f"pid {pid}",
-                metadata={"sessions_left": len(sessions) if sessions is not None else 0},
+                metadata={"socket": cfg.socket, "pid": pid, "agent_user": cfg.agent_user},
             )
-            audit.close()
-            log.info("stopped")
+            log.info("listening", socket=cfg.socket, pid=pid)
+            try:
+                yield identities, groups, audit, listener
+            finally:
+                left = len(self._sessions) if self._sessions is not None else 0
+                audit.note("server_stop", content=f"pid {pid}", metadata={"sessions_left": left})
+                log.info("stopped")
+
+    def _remove_socket(self, listener: trio.SocketListener) -> None:
+        listener.socket.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket)
 
     async def _serve(
         self,

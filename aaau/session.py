@@ -75,6 +75,7 @@ class Session:
         audit: AuditLog,
         spawner: Spawner,
         on_end: Callable[[Session], Awaitable[None]],
+        on_started: Callable[[Session, Agent], None] = lambda _s, _a: None,
     ) -> None:
         self.id = session_id
         self.creator = creator
@@ -94,6 +95,7 @@ class Session:
         self.recording = OutputRecording(self._audit, config)
         self._spawner = spawner
         self._on_end = on_end
+        self._on_started = on_started
         self._ended = trio.Event()
 
     @property
@@ -129,6 +131,7 @@ class Session:
                 self._nursery = nursery
                 self.state = SessionState.RUNNING
                 self._audit_start(agent)
+                self._on_started(self, agent)
                 task_status.started(self.attach(self.creator, *creator, None, created=True))
                 reader = PtyReader(self._pty, self._read_size(), self.publish)
                 nursery.start_soon(reader.run)

@@ -7,6 +7,7 @@ forgets itself when it has ended.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -23,6 +24,7 @@ from .identities import Account, Identities
 from .members import Attachment, Members
 from .outbox import Outbox
 from .policy import Groups, Identity, Refusal, Standing
+from .recovery import Ledger
 from .session import Session
 
 log = structlog.get_logger("aaau.sessions")
@@ -47,12 +49,14 @@ class Sessions:
         identities: Identities,
         *,
         spawner: spawn.Spawner | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.config = config
         self._audit = audit
         self._nursery = nursery
         self._identities = identities
         self._spawner = spawner or spawn.Launcher(config.cgroup_base)
+        self._ledger = ledger
         self._sessions: dict[str, Session] = {}
         self._accounts: dict[str, Account] = {}  # session id -> the agent user it runs as
 
@@ -132,6 +136,7 @@ class Sessions:
             audit=self._audit,
             spawner=self._spawner,
             on_end=self._ended,
+            on_started=self._started,
         )
         # registered before it starts: the limits count it, and an agent that ends
         # at once takes it out again (list and join skip what is not alive)
@@ -154,9 +159,30 @@ class Sessions:
         log.info("session-started", session_id=session_id, user=identity.user)
         return session, att
 
+    def _started(self, session: Session, agent: spawn.Agent) -> None:
+        """Into the ledger: if the server dies now, its successor ends this session."""
+        if self._ledger is None:
+            return
+        try:
+            self._ledger.started(
+                session.id,
+                {
+                    "creator": session.creator.user,
+                    "creator_uid": session.creator.uid,
+                    "argv": list(session.argv),
+                    "agent_user": agent.plan.user,
+                    "agent_pid": agent.pid,
+                },
+            )
+        except OSError as exc:
+            log.error("ledger-failed", session_id=session.id, error=str(exc))
+
     async def _ended(self, session: Session) -> None:
         """The session is over and its processes gone: forget it, give its account back."""
         self._sessions.pop(session.id, None)
+        if self._ledger is not None:
+            with contextlib.suppress(OSError):
+                self._ledger.ended(session.id)
         log.info("session-ended", session_id=session.id, status=str(session.exit_status))
         account = self._accounts.pop(session.id, None)
         if account is not None:

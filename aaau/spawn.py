@@ -209,8 +209,8 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
     try:
         set_winsize(master, rows, cols)
         pty = os.ttyname(slave)
-        os.chown(pty, p.uid, _tty_gid())
-        os.chmod(pty, 0o620)
+        os.fchown(slave, p.uid, _tty_gid())  # through the fd, never the name
+        os.fchmod(slave, 0o620)
         plan_fd = _plan_fd(p)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         process = await trio.lowlevel.open_process(

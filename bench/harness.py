@@ -8,6 +8,7 @@ everything. Runs as root: aaau needs its agent user, and clients here are root
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -360,7 +361,7 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
                     "--state-dir",
                     str(base / "state"),
                     "--cgroup-base",
-                    PAM_SERVICE,
+                    base.name,  # each server its own: two never share one
                 ]
                 if python == PY
                 else []
@@ -382,6 +383,15 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         shutil.rmtree(base, ignore_errors=True)
+        _remove_cgroup_base(base.name)
+
+
+def _remove_cgroup_base(name: str) -> None:
+    where = Hierarchies.discover()
+    for mount in [where.v2, *where.v1.values()]:
+        if mount is not None and (mount / name).is_dir():
+            with contextlib.suppress(OSError):
+                (mount / name).rmdir()
 
 
 def remove_accounts() -> None:
@@ -395,10 +405,7 @@ def remove_accounts() -> None:
         subprocess.run(["groupdel", group], capture_output=True, check=False)
     shutil.rmtree(HOMES, ignore_errors=True)
     Path(f"/etc/pam.d/{PAM_SERVICE}").unlink(missing_ok=True)
-    where = Hierarchies.discover()
-    for mount in [where.v2, *where.v1.values()]:
-        if mount is not None and (mount / PAM_SERVICE).is_dir():
-            (mount / PAM_SERVICE).rmdir()
+
 
 
 class Client:

@@ -245,7 +245,7 @@ def test_init_is_idempotent_and_keeps_the_agent_out_of_the_groups(
     log_dir = os.stat(base_dir / "init-log")
     assert stat.S_IMODE(log_dir.st_mode) == 0o750 and log_dir.st_gid == gid_of(ADMIN_GROUP)
     assert Path(f"/etc/pam.d/{PAM_SERVICE}").read_text().count("pam_limits.so") == 1
-    sysusers = (base_dir / "etc/sysusers.d/aaau.conf").read_text()
+    sysusers = (base_dir / f"etc/sysusers.d/aaau-{GROUP}.conf").read_text()
     assert all(f"u {user} - " in sysusers for user in (AGENT, *POOL))
 
 
