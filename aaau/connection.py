@@ -140,6 +140,7 @@ class Connection:
     async def _refuse_limit(self, uid: int, why: str) -> None:
         earlier = self._hub.occupancy.record_refusal(uid, trio.current_time())
         if earlier is not None:
+            self._audit = self._audit.bind(user=credentials.user_name(uid))
             self._audit.note("connection_refused", content=why, metadata={"not_recorded": earlier})
         await self._last_word(m.Error(ErrorCode.LIMIT, why))
 

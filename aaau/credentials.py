@@ -39,6 +39,14 @@ def identify(pid: int, uid: int, gid: int) -> Identity:
     return Identity(uid=uid, gid=gid, pid=pid, user=pw.pw_name, groups=groups)
 
 
+def user_name(uid: int) -> str:
+    """The user database's name for ``uid``, or ``#uid``."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"#{uid}"
+
+
 def _gid(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid

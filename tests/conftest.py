@@ -139,15 +139,21 @@ async def start_server(
         env: dict[str, str] | None = None,
         expect_ready: bool = True,
         socket_path: Path | None = None,
+        log_dir: Path | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> ServerProc:
+        """``wrapper``: a command to run the server under (``prlimit ... --``)."""
         n = next(_counter)
-        log_dir = base_dir / f"log-{n}"
+        log_dir = log_dir or base_dir / f"log-{n}"
         sock = socket_path or base_dir / f"run-{n}" / "aaau.sock"
         r, w = os.pipe()
         log_dir.mkdir(mode=0o750, exist_ok=True)
         stderr_path = log_dir / "server.stderr"
         stderr_file = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        argv = server_argv(sock, log_dir, "--ready-fd", str(w), "--kill-grace", "0.5", *args)
+        argv = [
+            *wrapper,
+            *server_argv(sock, log_dir, "--ready-fd", str(w), "--kill-grace", "0.5", *args),
+        ]
         process = await nursery.start(
             lambda task_status: trio.run_process(
                 argv,
