@@ -93,6 +93,7 @@ class AuditLog:
         self._lost = 0
         self.failure: str | None = None  # why the log cannot take records now
         self._failed_at = 0.0
+        self._reopen_failed = False
         self.reopen(gid=gid)
 
     @classmethod
@@ -234,10 +235,15 @@ class AuditLog:
         if replaced:
             try:
                 self.reopen(gid=self._gid)
-            except OSError as exc:
-                self._fail(f"cannot reopen: {exc.strerror or exc} ({self.path})")
-                return
-            self.note("audit_reopened", content="the log file was deleted or replaced")
+            except OSError as exc:  # keep writing where we can; say so once
+                if not self._reopen_failed:
+                    self._reopen_failed = True
+                    why = f"cannot reopen {self.path} ({exc}): writing to the file still open"
+                    log.warning("audit-reopen-failed", error=why)
+                    self.note("audit_reopen_failed", content=why)
+            else:
+                self._reopen_failed = False
+                self.note("audit_reopened", content="the log file was deleted or replaced")
         with contextlib.suppress(AuditUnavailable):
             self._flush()
 

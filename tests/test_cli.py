@@ -297,3 +297,18 @@ def test_init_adds_a_missing_pool_user_and_keeps_the_shared_agent(
     assert f"created agent users {POOL[0]} ... {last}" in result.stdout
     assert account(last)[0] != 0 and account(AGENT)[0] == shared_uid
     assert os.stat(HOMES / last).st_uid == account(last)[0]
+
+
+def test_init_writes_no_tmpfiles_line_for_a_directory_it_does_not_own(
+    accounts: dict[str, Any], base_dir: Path
+) -> None:
+    existing = base_dir / "existing-run"  # like /run for --socket /run/aaau.sock
+    existing.mkdir(mode=0o755)
+    argv = init_argv(base_dir, "etc3")
+    argv[argv.index("--socket") + 1] = str(existing / "aaau.sock")
+    result = subprocess.run(argv, capture_output=True, text=True, cwd="/", check=False)
+    assert result.returncode == 0, result.stderr
+    conf = (base_dir / f"etc3/tmpfiles.d/aaau-{GROUP}.conf").read_text()
+    assert str(existing) not in conf
+    assert f"not ours  {existing} (it existed before" in result.stdout
+    assert stat.S_IMODE(os.stat(existing).st_mode) == 0o755  # left as it was

@@ -340,3 +340,28 @@ async def test_hostile_json_is_a_clear_error_not_a_traceback(
     assert not server.records("internal_error")
     stderr = (server.log_dir / "server.stderr").read_text()
     assert "Traceback" not in stderr
+
+
+async def test_sighup_when_the_log_cannot_be_reopened_keeps_the_open_file(
+    start_server: ServerFactory, base_dir: Path
+) -> None:
+    log_dir = base_dir / "log-hup"
+    server = await start_server(log_dir=log_dir)
+    alice, _ = await server.create(ALICE, ("cat",))
+    moved = base_dir / "log-hup-moved"
+    log_dir.rename(moved)  # the directory is gone from where the log was
+    server.process.send_signal(signal.SIGHUP)
+    audit = moved / "audit.jsonl"
+    failed = await wait_for(
+        lambda: [r for r in map(json.loads, audit.read_text().splitlines())
+                 if r["command_type"] == "reload_failed"]
+    )
+    assert "kept the open file" in failed[0]["content"]
+    # the retry loop notices the file is gone from its path, says so once, and goes on
+    await wait_for(lambda: "audit_reopen_failed" in audit.read_text(), 5)
+    await alice.type(b"still-recorded\n")
+    await alice.expect_output(b"still-recorded\r\nstill-recorded")
+    assert '"content":"still-recorded\\n"' in audit.read_text()
+    assert server.process.returncode is None
+    kinds = [json.loads(line)["command_type"] for line in audit.read_text().splitlines()]
+    assert kinds.count("audit_reopen_failed") == 1 and "audit_resumed" not in kinds
