@@ -21,6 +21,14 @@ class IdentityMode(enum.StrEnum):
     SHARED = "shared"  # every session as agent_user: no isolation between members
 
 
+class Audience(enum.StrEnum):
+    """Which clients receive a kind of escape sequence (the output filter)."""
+
+    ALL = "all"
+    INTERACTIVE = "interactive"  # Interactive and Admin clients, not ReadOnly observers
+    NONE = "none"
+
+
 @attrs.frozen
 class Config:
     """Everything the server reads at start and again on SIGHUP.
@@ -89,6 +97,19 @@ class Config:
     private_tmp: bool = True
     hide_processes: bool = True
     confine: bool = True
+    #: the output filter: who receives clipboard writes (OSC 52), clipboard queries
+    #: (which would send a person's clipboard to the agent), terminal queries (which
+    #: make a terminal answer on its input), window titles, hyperlinks (OSC 8)
+    clipboard_writes_to: Audience = attrs.field(default=Audience.INTERACTIVE, converter=Audience)
+    clipboard_queries_to: Audience = attrs.field(default=Audience.NONE, converter=Audience)
+    terminal_queries_to: Audience = attrs.field(default=Audience.INTERACTIVE, converter=Audience)
+    titles_to: Audience = attrs.field(default=Audience.ALL, converter=Audience)
+    hyperlinks_to: Audience = attrs.field(default=Audience.ALL, converter=Audience)
+    #: the screen model (what joiners see): kept exact while a session writes at most
+    #: screen_rate bytes/s (bursts of screen_burst); history lines a joiner gets
+    screen_rate: int = 512 * 1024
+    screen_burst: int = 128 * 1024
+    screen_history: int = 500
     #: ASys: services SVC_RESTART may restart (empty: SVC_RESTART is refused)
     svc_allowlist: tuple[str, ...] = ()
     #: ASys: instruction -> groups whose Interactive members may use it (Admins always may)

@@ -192,7 +192,10 @@ class Connection:
             await self._attached(session, att)
         else:
             session = hub.sessions.find(hello.session_id)
-            att = session.attach(identity, standing, self._outbox(), hello.role, created=False)
+            size = (hello.rows, hello.cols) if hello.rows and hello.cols else None
+            att = session.attach(
+                identity, standing, self._outbox(), hello.role, created=False, size=size
+            )
             await self._attached(session, att)
 
     def _outbox(self) -> Outbox:

@@ -11,7 +11,9 @@ connection learns it must hang up. Nothing here touches a socket.
 
 from __future__ import annotations
 
+import collections
 import itertools
+from collections import Counter
 from collections.abc import Iterator
 
 import attrs
@@ -19,12 +21,27 @@ import attrs
 from . import codec, policy
 from . import messages as m
 from .audit import BoundAudit
-from .config import Config
+from .config import Audience, Config
 from .errors import ErrorCode, RequestError
 from .outbox import Outbox
 from .policy import Identity, Standing
+from .protocol import data_frame
+from .vtscan import Effect, Segment, without
 
 _client_ids = itertools.count(1)
+
+
+def removed_for(config: Config, role: m.Role) -> frozenset[Effect]:
+    """The kinds of escape sequence a client in ``role`` does not receive."""
+    audiences = {
+        Effect.CLIPBOARD_WRITE: config.clipboard_writes_to,
+        Effect.CLIPBOARD_QUERY: config.clipboard_queries_to,
+        Effect.QUERY: config.terminal_queries_to,
+        Effect.TITLE: config.titles_to,
+        Effect.HYPERLINK: config.hyperlinks_to,
+    }
+    allowed = (Audience.ALL,) if role is m.Role.READONLY else (Audience.ALL, Audience.INTERACTIVE)
+    return frozenset(effect for effect, audience in audiences.items() if audience not in allowed)
 
 
 @attrs.define(eq=False)
@@ -38,6 +55,8 @@ class Attachment:
     audit: BoundAudit  # bound to this client: user, uid, role, session, client id
     client_id: int
     input_window: int = 0  # bytes of input in flight (0: may not type)
+    #: escape sequences this client's role does not receive (the output filter)
+    removed: frozenset[Effect] = frozenset()
 
     def info(self) -> m.ClientInfo:
         return m.ClientInfo(self.client_id, self.identity.user, self.identity.uid, self.role)
@@ -101,6 +120,7 @@ class Members:
             self._bind(identity, role, client_id),
             client_id,
             window,
+            removed_for(self.config, role),
         )
         att.audit.write(
             "join",
@@ -149,6 +169,26 @@ class Members:
             if not att.outbox.put(frame):
                 self._evict(att)
 
+    def fan_out_output(self, segments: list[Segment], raw: bytes) -> Counter[Effect]:
+        """Output to every client, less what its role does not receive; what was removed.
+
+        One frame per distinct filter, built once; output with nothing to remove is one
+        shared frame, as before the filter.
+        """
+        effects = {effect for _, effect in segments if effect is not None}
+        frames: dict[frozenset[Effect], bytes | None] = {}
+        removed: Counter[Effect] = collections.Counter()
+        for att in list(self._clients.values()):
+            key = att.removed & effects
+            if key not in frames:
+                data = without(segments, key) if key else raw
+                frames[key] = data_frame(data) if data else None
+                removed.update(effect for _, effect in segments if effect in key)
+            frame = frames[key]
+            if frame is not None and not att.outbox.put(frame):
+                self._evict(att)
+        return removed
+
     def broadcast(self, message: m.ServerMessage) -> None:
         self.fan_out(codec.encode(message))
 
@@ -182,6 +222,7 @@ class Members:
         att.identity, att.standing = identity, standing
         if att.role.rank > allowed.rank:
             previous, att.role = att.role, allowed
+            att.removed = removed_for(self.config, allowed)
             att.audit = self._bind(identity, allowed, att.client_id)
             att.audit.note(
                 "role_changed", source="system", content=f"{previous.value} -> {allowed.value}"

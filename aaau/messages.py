@@ -95,15 +95,26 @@ class Create:
     share: bool = False
     cwd: str | None = attrs.field(default=None, validator=_cwd)
     env: dict[str, str] = attrs.field(factory=dict, validator=_env)
+    #: the client has no terminal (stdin is a pipe or a file): the agent's terminal
+    #: neither echoes input nor turns newlines into CRLF, and the session ends when
+    #: its last client leaves, unless ``keep``
+    pipe: bool = False
+    keep: bool = False
 
 
 @attrs.frozen
 class Join:
-    """Attach to a running session; ``role`` asks for at most that role."""
+    """Attach to a running session; ``role`` asks for at most that role.
+
+    ``rows`` and ``cols``: the joiner's terminal, for which the screen is drawn
+    (None: the session's size).
+    """
 
     version: int
     session_id: str = attrs.field(validator=_session_id)
     role: Role | None = None
+    rows: int | None = attrs.field(default=None, validator=v.optional(_dimension))
+    cols: int | None = attrs.field(default=None, validator=v.optional(_dimension))
 
 
 @attrs.frozen
@@ -277,10 +288,15 @@ class RoleChanged:
 
 @attrs.frozen
 class Exited:
-    """The agent ended: ``code`` if it exited, ``signal`` if a signal killed it."""
+    """The agent ended: ``code`` if it exited, ``signal`` if a signal killed it.
+
+    ``reason``, when the session was ended rather than the agent ending on its
+    own: "killed by ada (admin)", "the server is shutting down", ...
+    """
 
     code: int | None
     signal: int | None
+    reason: str | None = None
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ import os
 import struct
 import termios
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -31,6 +31,17 @@ from .audit import BoundAudit
 
 #: input pieces waiting for the writer; a typist past this waits (backpressure)
 INPUT_QUEUE: Final = 32
+#: when output pauses this long with an escape sequence held back, it is let out
+HOLD_RELEASE: Final = 0.05
+
+
+class Held(Protocol):
+    """Whoever may hold back the end of the output (an incomplete escape sequence)."""
+
+    @property
+    def holding(self) -> bool: ...
+
+    def flush(self) -> None: ...
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -87,11 +98,28 @@ class PtyReader:
     client, which is what keeps the fan-out cheap under heavy output.
     """
 
-    def __init__(self, master: PtyMaster, limit: int, publish: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        master: PtyMaster,
+        limit: int,
+        publish: Callable[[bytes], None],
+        held: Held | None = None,
+    ) -> None:
         self._master = master
         self._limit = limit
         self._publish = publish
+        self._held = held
         self.done = trio.Event()
+
+    async def _wait(self, fd: int) -> None:
+        """Until the PTY has output; if a sequence is held back, not longer than a pause."""
+        if self._held is None or not self._held.holding:
+            await trio.lowlevel.wait_readable(fd)
+            return
+        with trio.move_on_after(HOLD_RELEASE) as paused:
+            await trio.lowlevel.wait_readable(fd)
+        if paused.cancelled_caught:
+            self._held.flush()
 
     async def run(self) -> None:
         """Until the PTY reports end of output (every slave fd closed) or is closed."""
@@ -100,7 +128,7 @@ class PtyReader:
                 fd = self._master.fd
                 if fd < 0:
                     return
-                await trio.lowlevel.wait_readable(fd)
+                await self._wait(fd)
                 chunk, eof = self._drain(fd)
                 if chunk:
                     self._publish(chunk)
@@ -109,6 +137,8 @@ class PtyReader:
         except trio.ClosedResourceError:
             pass
         finally:
+            if self._held is not None and self._held.holding:
+                self._held.flush()  # the output has ended: nothing more will complete it
             self.done.set()
 
     def _drain(self, fd: int) -> tuple[bytes, bool]:

@@ -2,10 +2,10 @@
 
 A session runs in the registry's nursery. :meth:`Session.run` starts the
 agent, attaches its creator, then owns three tasks: the PTY reader (every
-chunk goes to :meth:`Session.publish`, which fans it out to each client's
-:class:`aaau.outbox.Outbox` without waiting, records it and keeps it for late
-joiners), the PTY input writer, and the wait for the agent, whose exit ends
-the session. Its life is :class:`SessionState`.
+chunk goes to :class:`aaau.output.SessionOutput`, which fans it out to each
+client's :class:`aaau.outbox.Outbox` without waiting, filtered per role,
+records it and keeps it for late joiners), the PTY input writer, and the wait
+for the agent, whose exit ends the session. Its life is :class:`SessionState`.
 
 The session knows clients only through :class:`aaau.members.Members`
 (attachments with an outbox): it puts frames in and closes outboxes; it never
@@ -29,10 +29,10 @@ from .config import Config
 from .errors import ErrorCode, RequestError
 from .members import Attachment, Members
 from .outbox import Outbox
+from .output import SessionOutput
 from .policy import Identity, Standing
 from .protocol import data_frame
-from .pty import PtyInput, PtyMaster, PtyReader, Scrollback
-from .recording import OutputRecording
+from .pty import PtyInput, PtyMaster, PtyReader
 from .spawn import Agent, Spawner, SpawnPlan
 
 #: the most one PTY read burst publishes as a chunk (also kept under a quarter
@@ -69,6 +69,7 @@ class Session:
         *,
         argv: tuple[str, ...],
         shared: bool,
+        end_with_clients: bool = False,
         rows: int,
         cols: int,
         config: Config,
@@ -81,18 +82,19 @@ class Session:
         self.creator = creator
         self.argv = argv
         self.shared = shared
+        self.end_with_clients = end_with_clients
         self.rows, self.cols = rows, cols
         self.config = config
         self.created_at = time.time()
         self.state = SessionState.STARTING
         self.exit_status: m.Exited | None = None
-        self.killed_by: str | None = None
-        self.scrollback = Scrollback(config.scrollback_bytes)
+        #: why the session was ended, if it was (a person, the server, its pipe client)
+        self.end_reason: str | None = None
         self._audit = audit.bind(session_id=session_id)
         self.members = Members(
             session_id, self._audit, creator_uid=creator.uid, shared=shared, config=config
         )
-        self.recording = OutputRecording(self._audit, config)
+        self.output = SessionOutput(self.members, self._audit, config, cols, rows)
         self._spawner = spawner
         self._on_end = on_end
         self._on_started = on_started
@@ -133,7 +135,8 @@ class Session:
                 self._audit_start(agent)
                 self._on_started(self, agent)
                 task_status.started(self.attach(self.creator, *creator, None, created=True))
-                reader = PtyReader(self._pty, self._read_size(), self.publish)
+                out = self.output
+                reader = PtyReader(self._pty, self._read_size(), out.publish, out)
                 nursery.start_soon(reader.run)
                 nursery.start_soon(self._input.run)
                 await agent.process.wait()
@@ -172,20 +175,8 @@ class Session:
                 await agent.process.wait()
         else:
             await self.asys.close()
-        self.exit_status = _exit_status(agent.process.returncode)
-        code, sig = self.exit_status.code, self.exit_status.signal
-        self._audit.note(
-            "session_end",
-            user=self.creator.user,
-            uid=self.creator.uid,
-            content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
-            metadata={
-                "exit_code": code,
-                "signal": sig,
-                "force_killed": self.killed_by is not None,
-                "output_not_recorded": self.recording.not_recorded,
-            },
-        )
+        self.exit_status = _exit_status(agent.process.returncode, self.end_reason)
+        self._audit_end(self.exit_status)
         self.members.hang_up_all(self.exit_status, self.config.shutdown_grace)
         self._input.abandon()
         await self._pty.aclose()
@@ -194,15 +185,23 @@ class Session:
         await self._on_end(self)
         self._ended.set()
 
-    # --- output ------------------------------------------------------------------------
+    def _audit_end(self, status: m.Exited) -> None:
+        code, sig = status.code, status.signal
+        self._audit.note(
+            "session_end",
+            user=self.creator.user,
+            uid=self.creator.uid,
+            content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
+            metadata={
+                "exit_code": code,
+                "signal": sig,
+                "force_killed": self.end_reason is not None,
+                "end_reason": self.end_reason,
+                **self.output.end_metadata(),
+            },
+        )
 
-    def publish(self, data: bytes) -> None:
-        """Fan a chunk out to every client, then record and keep it (no await between)."""
-        self.members.fan_out(data_frame(data))
-        # recorded right after it is handed on, off the echo's critical path; input,
-        # which has an effect, is recorded before it is written
-        self.recording.record(data)
-        self.scrollback.append(data)
+    # --- output ------------------------------------------------------------------------
 
     def attach(
         self,
@@ -212,25 +211,19 @@ class Session:
         requested: m.Role | None,
         *,
         created: bool,
+        size: tuple[int, int] | None = None,
     ) -> Attachment:
-        """Add a client: welcome, then the scrollback, then live output."""
+        """Add a client: welcome, then the screen as it is (for a joiner), then live output.
+
+        ``size`` is the joiner's terminal (rows, cols): the screen is drawn for it.
+        """
         if not self.alive:
             raise RequestError(f"session {self.id} has ended", code=ErrorCode.UNKNOWN_SESSION)
         att = self.members.join(identity, standing, outbox, requested, created=created)
-        att.send(
-            m.Welcome(
-                m.PROTOCOL_VERSION,
-                self.id,
-                att.role,
-                created,
-                self.rows,
-                self.cols,
-                att.client_id,
-                att.input_window,
-            )
-        )
-        if history := self.scrollback.snapshot():
-            outbox.put(data_frame(history))
+        att.send(_welcome(self, att, created))
+        if not created:
+            rows, cols = size or (self.rows, self.cols)
+            outbox.put(data_frame(self.output.rendering(cols, rows)))
         self.members.add(att)
         if not created:  # a full-screen program repaints for the newcomer
             self._pty.signal_foreground(signal.SIGWINCH)
@@ -238,13 +231,14 @@ class Session:
 
     def detach(self, att: Attachment, reason: str) -> None:
         self.members.leave(att, reason)
+        if self.end_with_clients and not len(self.members):
+            self.kill_all("ended: its last client, in pipe mode, left (aaau --keep keeps it)")
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded configuration: limits apply from now on."""
         self.config = config
-        self.scrollback.limit = config.scrollback_bytes
         self.members.config = config
-        self.recording.reconfigure(config)
+        self.output.reconfigure(config)
 
     # --- requests ---------------------------------------------------------------------
 
@@ -266,20 +260,25 @@ class Session:
             metadata={"rows": rows, "cols": cols, "previous": f"{self.rows}x{self.cols}"},
         )
         self._pty.resize(rows, cols)
+        self.output.resize(cols, rows)
         self.rows, self.cols = rows, cols
 
     def force_kill(self, audit: BoundAudit) -> None:
         """FORCE_KILL by whoever ``audit`` is bound to (the caller checked the right)."""
         # never refused for want of a record: it may be what stops an agent filling the disk
         record = audit.note("force_kill", source="human", content="FORCE_KILL")
-        self.kill_all(record.user)
+        who = f"{record.user} ({record.role})" if record.role else record.user
+        self.kill_all(f"killed by {who}")
 
-    def kill_all(self, by: str) -> None:
-        """End every process of the session: SIGHUP/SIGTERM, a grace, then SIGKILL."""
+    def kill_all(self, reason: str) -> None:
+        """End every process of the session: SIGHUP/SIGTERM, a grace, then SIGKILL.
+
+        ``reason`` is what its clients are told ("killed by ada (admin)").
+        """
         if self.state is not SessionState.RUNNING:
             return
         self.state = SessionState.KILLING
-        self.killed_by = by
+        self.end_reason = reason
         self._nursery.start_soon(
             reaper.terminate, self._agent.pid, self._agent.cgroups, self.config.kill_grace
         )
@@ -320,9 +319,22 @@ def _start_metadata(agent: Agent, shared: bool, rows: int, cols: int) -> dict[st
     }
 
 
-def _exit_status(returncode: int | None) -> m.Exited:
+def _welcome(session: Session, att: Attachment, created: bool) -> m.Welcome:
+    return m.Welcome(
+        m.PROTOCOL_VERSION,
+        session.id,
+        att.role,
+        created,
+        session.rows,
+        session.cols,
+        att.client_id,
+        att.input_window,
+    )
+
+
+def _exit_status(returncode: int | None, reason: str | None) -> m.Exited:
     if returncode is None:
-        return m.Exited(code=None, signal=None)
+        return m.Exited(code=None, signal=None, reason=reason)
     if returncode < 0:
-        return m.Exited(code=None, signal=-returncode)
-    return m.Exited(code=returncode, signal=None)
+        return m.Exited(code=None, signal=-returncode, reason=reason)
+    return m.Exited(code=returncode, signal=None, reason=reason)

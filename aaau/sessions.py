@@ -104,6 +104,7 @@ class Sessions:
             term=req.term,
             cwd=req.cwd,
             extra_env=req.env,
+            pipe=req.pipe,
         )
 
     async def create(
@@ -130,6 +131,7 @@ class Sessions:
             identity,
             argv=plan.argv,
             shared=req.share,
+            end_with_clients=req.pipe and not req.keep,
             rows=req.rows,
             cols=req.cols,
             config=self.config,
@@ -207,7 +209,7 @@ class Sessions:
         """Tell every client the server is going, and end every agent."""
         for session in self:
             session.members.broadcast(m.Error(ErrorCode.SHUTDOWN, "the server is shutting down"))
-            session.kill_all("server shutdown")
+            session.kill_all("ended: the server is shutting down")
 
     async def wait_all_ended(self) -> None:
         while self._sessions:

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import termios
 from typing import Protocol
 
 import attrs
@@ -62,6 +63,8 @@ class SpawnPlan:
     sandbox: dict[str, bool] = attrs.field(factory=dict)
     #: the cgroup directories the launcher joins (the Launcher fills them in)
     cgroups: tuple[str, ...] = ()
+    #: the client has no terminal: no echo, no CRLF on the agent's terminal
+    pipe: bool = False
 
 
 @attrs.frozen
@@ -133,6 +136,7 @@ def plan(
     term: str,
     cwd: str | None,
     extra_env: dict[str, str],
+    pipe: bool = False,
 ) -> SpawnPlan:
     """What to run and how, built from scratch: nothing of the server's environment."""
     if account.uid == 0 or account.gid == 0:
@@ -175,7 +179,16 @@ def plan(
             "hide_processes": config.hide_processes,
             "confine": config.confine,
         },
+        pipe=pipe,
     )
+
+
+def _quiet(fd: int) -> None:
+    """For a client with no terminal: input is not echoed, output keeps its newlines."""
+    mode = termios.tcgetattr(fd)
+    mode[1] &= ~termios.ONLCR  # oflag
+    mode[3] &= ~(termios.ECHO | termios.ECHONL)  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, mode)
 
 
 def _tty_gid() -> int:
@@ -202,12 +215,27 @@ async def _read_status(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def _parse_status(status: bytes) -> tuple[str | None, dict[str, str]]:
+    """The launcher's report: ``error:`` (it failed) and ``note:name=text`` lines."""
+    error, notes = None, {}
+    for line in status.decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition(":")
+        if key == "error":
+            error = value
+        elif key == "note":
+            name, _, text = value.partition("=")
+            notes[name] = text
+    return error, notes
+
+
 async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
     """Start the agent. Raises SpawnError with a client-facing message on failure."""
     master, slave = os.openpty()
     plan_fd = status_r = status_w = -1
     try:
         set_winsize(master, rows, cols)
+        if p.pipe:
+            _quiet(slave)
         pty = os.ttyname(slave)
         os.fchown(slave, p.uid, _tty_gid())  # through the fd, never the name
         os.fchmod(slave, 0o620)
@@ -243,14 +271,7 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
         process.kill()
         os.close(master)
         raise
-    error, notes = None, {}
-    for line in status.decode("utf-8", "replace").splitlines():
-        key, _, value = line.partition(":")
-        if key == "error":
-            error = value
-        elif key == "note":
-            name, _, text = value.partition("=")
-            notes[name] = text
+    error, notes = _parse_status(status)
     if error is not None:
         with trio.move_on_after(_FAILED_EXIT_WAIT):
             await process.wait()

@@ -44,6 +44,8 @@ NEW_INIT = ["--agents", str(len(POOL)), "--pam-service", PAM_SERVICE]
 
 
 MARK = b"AAAU-BENCH-READY"
+#: the measured output starts after this (a joiner's redrawn screen is not counted)
+GO = b"AAAU-BENCH-GO"
 #: pause between keystrokes when measuring "typing" (back to back, every CPU
 #: stays hot; with a pause, each hop may pay a wake-up from idle)
 TYPING_GAP = 0.005
@@ -51,11 +53,15 @@ TYPING_GAP = 0.005
 
 def seq_command(lines: int) -> list[str]:
     """The throughput workload: quiet terminal, say ready, wait for a line, then print."""
-    return ["sh", "-c", f"stty -echo; echo {MARK.decode()}; read go; exec seq 1 {lines}"]
+    return [
+        "sh",
+        "-c",
+        f"stty -echo; echo {MARK.decode()}; read go; echo {GO.decode()}; exec seq 1 {lines}",
+    ]
 
 
 def echo_command() -> list[str]:
-    return ["sh", "-c", f"stty raw -echo; echo {MARK.decode()}; exec cat"]
+    return ["sh", "-c", f"stty raw -echo; echo {MARK.decode()}; echo {GO.decode()}; exec cat"]
 
 
 @attrs.define
@@ -65,17 +71,24 @@ class Reader:
     bytes: int = 0
     tail: bytes = b""
     done_at: float | None = None
-    armed: bool = False
+    armed: bool = False  # the workload said it is ready (MARK)
+    counting: bool = False  # the measured output has begun (GO)
     _prefix: bytes = b""
 
+    @property
+    def echo_ready(self) -> bool:
+        """The echo workload's preamble is all in: the next byte is an echo."""
+        return self.counting and self.tail.endswith(b"\n")
+
     def take(self, data: bytes) -> None:
-        if not self.armed:
+        if not self.counting:
             self._prefix += data
-            at = self._prefix.find(MARK)
+            self.armed = self.armed or MARK in self._prefix
+            at = self._prefix.find(GO)
             if at < 0:
                 return
-            self.armed = True
-            data = self._prefix[at + len(MARK) :]
+            self.armed = self.counting = True
+            data, self._prefix = self._prefix[at + len(GO) :], b""
         self.bytes += len(data)
         self.tail = (self.tail + data[-64:])[-64:]
 
@@ -126,7 +139,7 @@ async def raw_echo(samples: int, gap: float) -> list[float]:
     os.close(slave)
     stream = trio.lowlevel.FdStream(master)
     reader = Reader()
-    while not reader.armed:
+    while not reader.echo_ready:
         reader.take(await stream.receive_some(4096))
     out = []
     for i in range(samples):
@@ -270,7 +283,7 @@ async def tmux_echo(samples: int, gap: float) -> list[float]:
             await _wait_tmux_mark(tmux)
             stream = streams[0]
             with trio.fail_after(10):
-                while not reader.armed:
+                while not reader.counting:
                     await trio.sleep(0.01)
             for i in range(samples):
                 await trio.sleep(gap)
@@ -492,7 +505,7 @@ async def aaau_throughput(
 async def aaau_echo(server: AaauServer, samples: int, gap: float) -> list[float]:
     client = await Client.connect(server, create(echo_command()))
     with trio.fail_after(10):
-        while not client.reader.armed:
+        while not client.reader.echo_ready:
             await client.pump()
     out = []
     for i in range(samples):

@@ -157,7 +157,9 @@ async def test_the_exit_status_reaches_everyone_and_the_session_is_gone(ip: InPr
         "exit_code": 3,
         "signal": None,
         "force_killed": False,
+        "end_reason": None,
         "output_not_recorded": 0,
+        "filtered": {},
     }
     _, reply = await ip.join("alice", welcome.session_id)
     assert isinstance(reply, m.Error) and reply.code == "unknown-session"
@@ -197,8 +199,9 @@ async def test_the_creator_force_kills_and_everyone_is_told(ip: InProcess) -> No
     await alice.expect_output(b"up")
     bob, _ = await ip.join("bob", welcome.session_id)
     await alice.send(m.ForceKill())
-    assert await alice.expect(m.Exited) == m.Exited(code=None, signal=signal.SIGKILL)
-    assert (await bob.expect(m.Exited)).signal == signal.SIGKILL
+    exited = m.Exited(code=None, signal=signal.SIGKILL, reason="killed by alice (interactive)")
+    assert await alice.expect(m.Exited) == exited
+    assert await bob.expect(m.Exited) == exited
     (kill,) = ip.records("force_kill", session_id=welcome.session_id)
     assert (kill["user"], kill["role"]) == ("alice", "interactive")
     (end,) = ip.records("session_end", session_id=welcome.session_id)

@@ -105,7 +105,12 @@ async def test_input_is_recorded_before_it_is_written_and_arrives_in_order(
         assert _records(tmp_path / "a.jsonl")[0]["content"] == "first "  # fast path
         await pin.send(audit, b"second")
         pin.close()
-    assert os.read(slave, 100) == b"first second"
+    got = b""
+    with trio.fail_after(5):  # the kernel hands the bytes to the slave asynchronously
+        while len(got) < 12:
+            await trio.lowlevel.wait_readable(slave)
+            got += os.read(slave, 100)
+    assert got == b"first second"
     records = _records(tmp_path / "a.jsonl")
     assert [r["content"] for r in records] == ["first ", "second"]
     assert records[0]["metadata"] == {"client_id": 7, "encoding": "utf-8", "bytes": 6}

@@ -392,7 +392,10 @@ async def test_force_kill_ends_background_jobs_and_escapees(server: ServerProc) 
     assert (await bob.expect(m.Error)).code == "forbidden"
     await alice.send(m.ForceKill())
     exited = await alice.expect(m.Exited, timeout=15)
-    assert exited == m.Exited(code=None, signal=signal.SIGHUP)  # bash dies of the first signal
+    # bash dies of the first signal; everyone is told who ended it
+    assert exited == m.Exited(
+        code=None, signal=signal.SIGHUP, reason=f"killed by {ALICE} (interactive)"
+    )
     await wait_for(lambda: not any(_cmdline(p).startswith("sleep 100") for p in _agent_pids()))
     (kill,) = server.records("force_kill", session_id=welcome.session_id)
     assert kill["user"] == ALICE

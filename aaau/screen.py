@@ -1,0 +1,155 @@
+"""What a joiner sees: the session's screen as the agent drew it, drawn again for them.
+
+A joiner used to get raw history replayed; that lost the modes a full-screen
+program set long ago (alternate screen, keypad, mouse, bracketed paste) and
+replayed old terminal queries for the joiner's terminal to answer. Instead:
+
+- :class:`Modes` keeps the modes a program sets (from the scanner's ``MODE``
+  segments, always exact and cheap: a few sequences per redraw);
+- :class:`Screen` keeps the cells: asciinema's ``avt`` virtual terminal (Rust,
+  through ``pyavt``), fed the output while the session stays within its budget
+  (``screen_rate`` bytes a second, bursts of ``screen_burst``). Past it the
+  model stops (it would cost the fan-out its CPU) and is marked stale; it is
+  rebuilt from the raw tail of the output when someone joins. That is exact
+  for line output and full redraws; a program that redraws by relative cursor
+  motion may look approximate until its next redraw;
+- :meth:`Screen.render` draws it for one terminal: for a plain shell the last
+  history lines first, then the screen (cropped to the joiner's size around
+  the cursor, if it is smaller), then the modes and the cursor. It is made from
+  cells, so it holds no query a terminal would answer.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+import avt
+
+from .limits import TokenBucket
+from .modes import Modes
+from .vtscan import Effect, Segment
+
+
+class Screen:
+    """The cells of the session's terminal, kept within a budget."""
+
+    def __init__(self, cols: int, rows: int, *, history: int, rate: float, burst: float) -> None:
+        self.cols, self.rows = cols, rows
+        self.history = history
+        self.modes = Modes()
+        self._budget = TokenBucket(rate, burst)
+        self.stale = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._vt = avt.Vt(self.cols, self.rows, scrollback_limit=self.history)
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+
+    def feed(self, segments: list[Segment], now: float) -> None:
+        """The output, as the scanner split it: modes always, cells within the budget."""
+        size = 0
+        for data, effect in segments:
+            size += len(data)
+            if effect is Effect.MODE:
+                self.modes.feed(data)
+        if self.stale or not self._budget.take(now, size):
+            self.stale = True
+            return
+        self._vt.feed_str(self._decode(b"".join(data for data, _ in segments)))
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.cols, self.rows = cols, rows
+        self._vt.resize(cols, rows)
+
+    def rebuild(self, tail: bytes) -> None:
+        """A stale model starts again from ``tail``, the most recent raw output."""
+        self._reset()
+        self._vt.feed_str(self._decode(tail))
+        self.stale = False
+
+    def render(self, cols: int, rows: int) -> bytes:
+        """The screen for a terminal of ``cols`` x ``rows`` (a fresh one, in default modes)."""
+        view = self._vt.view()
+        cursor = self._vt.cursor
+        out = bytearray(b"\x1b[0m")
+        alternate = self.modes.alternate
+        out += b"\x1b[?1049h" if alternate else b""
+        out += b"\x1b[H\x1b[2J"
+        lines = view if alternate else self._vt.lines()[-(self.history + self.rows) :]
+        first_view = len(lines) - len(view)
+        # a smaller terminal shows the rows of the view around the cursor (the lowest such):
+        # print down to the window's last row; what is above scrolls into their history
+        top = max(0, min(cursor.row - rows + 1, self.rows - rows)) if rows < self.rows else 0
+        shown = lines[: first_view + min(len(view), top + rows)]
+        out += b"\r\n".join(_line(line, cols) for line in shown)
+        row = first_view + cursor.row - max(0, len(shown) - rows)  # 0-based, on their screen
+        if self.modes.region is not None:
+            out += b"\x1b[%d;%dr" % self.modes.region
+        out += self.modes.sequences()
+        out += b"\x1b[%d;%dH" % (max(0, min(row, rows - 1)) + 1, min(cursor.col, cols - 1) + 1)
+        return bytes(out)
+
+
+def _line(line: avt.Line, cols: int) -> bytes:
+    """One line, cropped to ``cols``, with its attributes.
+
+    Trailing blanks are left out only where they have no attributes (a
+    coloured bar of spaces is kept); the line ends in the default pen.
+    """
+    parts: list[tuple[bool, bytes]] = []  # (default pen?, text with its SGR)
+    width = 0
+    for chunk in line.chunks(lambda a, b: a.pen != b.pen):
+        text = []
+        for cell in chunk:
+            if cell.width == 0:
+                continue  # the right half of a wide character
+            if width + cell.width > cols:
+                break
+            text.append(cell.char)
+            width += cell.width
+        if text:
+            pen = chunk[0].pen
+            parts.append((pen.is_default(), _sgr(pen) + "".join(text).encode("utf-8", "replace")))
+        if width >= cols:
+            break
+    while parts and parts[-1][0]:  # default blanks at the end say nothing
+        last = parts[-1][1].rstrip(b" ")
+        if last != b"\x1b[0m":
+            parts[-1] = (True, last)
+            break
+        parts.pop()
+    coloured = any(not default for default, _ in parts)
+    return b"".join(text for _, text in parts) + (b"\x1b[0m" if coloured else b"")
+
+
+def _colour(colour: avt.Color | None, base: int) -> list[str]:
+    if colour is None:
+        return []
+    if isinstance(colour, avt.Color.RGB):
+        return [str(base + 8), "2", str(colour[0]), str(colour[1]), str(colour[2])]
+    assert isinstance(colour, avt.Color.Indexed)
+    index = colour[0]
+    if index < 8:
+        return [str(base + index)]
+    if index < 16:
+        return [str(base + 60 + index - 8)]
+    return [str(base + 8), "5", str(index)]
+
+
+def _sgr(pen: avt.Pen) -> bytes:
+    if pen.is_default():
+        return b"\x1b[0m"
+    params = ["0"]
+    for flag, code in (
+        (pen.bold, "1"),
+        (pen.faint, "2"),
+        (pen.italic, "3"),
+        (pen.underline, "4"),
+        (pen.blink, "5"),
+        (pen.inverse, "7"),
+        (pen.strikethrough, "9"),
+    ):
+        if flag:
+            params.append(code)
+    params += _colour(pen.foreground, 30) + _colour(pen.background, 40)
+    return b"\x1b[" + ";".join(params).encode() + b"m"
