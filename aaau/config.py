@@ -105,10 +105,13 @@ class Config:
     terminal_queries_to: Audience = attrs.field(default=Audience.INTERACTIVE, converter=Audience)
     titles_to: Audience = attrs.field(default=Audience.ALL, converter=Audience)
     hyperlinks_to: Audience = attrs.field(default=Audience.ALL, converter=Audience)
-    #: the screen model (what joiners see): kept exact while a session writes at most
-    #: screen_rate bytes/s (bursts of screen_burst); history lines a joiner gets
-    screen_rate: int = 512 * 1024
-    screen_burst: int = 128 * 1024
+    #: the screen model (what joiners see): fed screen_rate bytes/s (bursts of
+    #: screen_burst) from a backlog of at most screen_backlog bytes, all of it before a
+    #: join; output faster for longer makes it stale (see aaau/screen.py).
+    #: screen_history: the lines above the screen a joiner gets
+    screen_rate: int = 2 * 1024 * 1024
+    screen_burst: int = 256 * 1024
+    screen_backlog: int = 1024 * 1024
     screen_history: int = 500
     #: ASys: services SVC_RESTART may restart (empty: SVC_RESTART is refused)
     svc_allowlist: tuple[str, ...] = ()

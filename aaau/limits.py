@@ -35,6 +35,13 @@ class TokenBucket:
             return True
         return False
 
+    def take_up_to(self, now: float, amount: int) -> int:
+        """Spend as much of ``amount`` as there is (whole tokens); how much that was."""
+        self._refill(now)
+        granted = max(0, min(amount, int(self._tokens)))
+        self._tokens -= granted
+        return granted
+
 
 @attrs.define
 class Overflow:

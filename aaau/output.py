@@ -39,21 +39,24 @@ class SessionOutput:
             history=config.screen_history,
             rate=config.screen_rate,
             burst=config.screen_burst,
+            backlog=config.screen_backlog,
         )
         self.filtered: collections.Counter[Effect] = collections.Counter()
 
     @property
     def holding(self) -> bool:
-        """A sequence is held back, waiting for its end."""
-        return self._scanner.holding
+        """Work waits for a pause in the output: a sequence held back, the screen behind."""
+        return self._scanner.holding or self.screen.behind
 
     def publish(self, data: bytes) -> None:
         """A chunk from the PTY: fan it out, then record and keep it."""
         self._publish(self._scanner.feed(data))
 
     def flush(self) -> None:
-        """Output paused: let out a held sequence that cannot be a removable one."""
+        """Output paused: let out a held sequence that cannot be a removable one,
+        and let the screen catch up as far as its budget allows."""
         self._publish(self._scanner.flush())
+        self.screen.catch_up(trio.current_time())
 
     def _publish(self, segments: list[Segment]) -> None:
         if not segments:
@@ -92,4 +95,5 @@ class SessionOutput:
 
     def reconfigure(self, config: Config) -> None:
         self.scrollback.limit = config.scrollback_bytes
+        self.screen.backlog_limit = config.screen_backlog
         self.recording.reconfigure(config)

@@ -22,7 +22,7 @@ import fcntl
 import os
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import trio
@@ -31,12 +31,17 @@ from .audit import BoundAudit
 
 #: input pieces waiting for the writer; a typist past this waits (backpressure)
 INPUT_QUEUE: Final = 32
-#: when output pauses this long with an escape sequence held back, it is let out
+#: in a pipe session, end of input is given again each time the program reads, at
+#: most this often at first, then half as often each time, down to EOF_AGAIN_MAX
+EOF_AGAIN: Final = 0.05
+EOF_AGAIN_MAX: Final = 2.0
+#: when output pauses this long with work held for a pause, the work is done
 HOLD_RELEASE: Final = 0.05
 
 
 class Held(Protocol):
-    """Whoever may hold back the end of the output (an incomplete escape sequence)."""
+    """Whoever holds work for a pause in the output (the end of an incomplete escape
+    sequence, a screen model behind): ``flush`` is called when output pauses."""
 
     @property
     def holding(self) -> bool: ...
@@ -168,13 +173,24 @@ class PtyInput:
     is recorded as ``input_dropped``.
     """
 
-    def __init__(self, master: PtyMaster) -> None:
+    def __init__(
+        self,
+        master: PtyMaster,
+        until_read: Callable[[], Awaitable[None]] | None = None,
+        *,
+        sticky_eof: bool = False,
+    ) -> None:
         self._master = master
         self._send, self._receive = trio.open_memory_channel[tuple[BoundAudit, bytes | None]](
             INPUT_QUEUE
         )
         self._pending = 0  # pieces handed to the writer and not yet written
         self._last_byte = b"\n"
+        #: returns once the program reads its terminal: end of input waits for it
+        self._until_read = until_read
+        #: end of input lasts (as a pipe's does) until more input comes
+        self._sticky_eof = sticky_eof
+        self._written = 0  # pieces of data written: what a lasting end of input watches
 
     async def send(self, audit: BoundAudit, data: bytes) -> None:
         """Record and write ``data``; waits while the agent does not read."""
@@ -211,6 +227,7 @@ class PtyInput:
     def _note(self, written: bytes) -> None:
         if written:
             self._last_byte = written[-1:]
+            self._written += 1
 
     def _eof_bytes(self) -> bytes:
         """VEOF ends input at the start of a line; mid-line it takes two."""
@@ -219,16 +236,37 @@ class PtyInput:
 
     async def run(self) -> None:
         """The writer task: what could not be written at once, in arrival order."""
-        async for audit, data in self._receive:
-            piece = self._eof_bytes() if data is None else data
-            try:
-                await self._master.send_all(piece)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._dropped(audit, data)
+        async with trio.open_nursery() as nursery:
+            async for audit, data in self._receive:
+                try:
+                    if data is None and self._until_read is not None:
+                        await self._until_read()
+                    piece = self._eof_bytes() if data is None else data
+                    await self._master.send_all(piece)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._dropped(audit, data)
+                    break
+                finally:
+                    self._pending -= 1
+                if data is not None:
+                    self._note(piece)
+                elif self._sticky_eof and self._until_read is not None:
+                    nursery.start_soon(self._keep_eof, self._until_read, self._written)
+            nursery.cancel_scope.cancel()
+
+    async def _keep_eof(self, until_read: Callable[[], Awaitable[None]], written: int) -> None:
+        """End of input again each time the program reads, until someone types."""
+        gap = EOF_AGAIN
+        while True:
+            await trio.sleep(gap)  # what was written has had time to be read
+            await until_read()
+            if self._written != written or self._pending:
                 return
-            finally:
-                self._pending -= 1
-            self._note(piece)
+            try:
+                self._master.write_nowait(self._master.eof_char())
+            except OSError:
+                return
+            gap = min(gap * 2, EOF_AGAIN_MAX)
 
     def close(self) -> None:
         """No more input; the writer writes what is queued, then ends."""

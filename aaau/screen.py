@@ -7,12 +7,16 @@ replayed old terminal queries for the joiner's terminal to answer. Instead:
 - :class:`Modes` keeps the modes a program sets (from the scanner's ``MODE``
   segments, always exact and cheap: a few sequences per redraw);
 - :class:`Screen` keeps the cells: asciinema's ``avt`` virtual terminal (Rust,
-  through ``pyavt``), fed the output while the session stays within its budget
-  (``screen_rate`` bytes a second, bursts of ``screen_burst``). Past it the
-  model stops (it would cost the fan-out its CPU) and is marked stale; it is
-  rebuilt from the raw tail of the output when someone joins. That is exact
-  for line output and full redraws; a program that redraws by relative cursor
-  motion may look approximate until its next redraw;
+  through ``pyavt``). It is kept off the fan-out path: output goes into a
+  backlog (``screen_backlog`` bytes at most) that is fed to the model within a
+  budget (``screen_rate`` bytes a second, bursts of ``screen_burst``), as the
+  output comes and whenever it pauses, and all of it before someone joins. So
+  a burst costs the fan-out nothing, and the model stays exact. Only output
+  that keeps coming faster than the budget for longer than the backlog lasts
+  (``cat`` of a big file, a build log) overflows it: then the model stops and
+  is marked stale, and is rebuilt from the raw tail of the output when someone
+  joins. That is exact for line output and full redraws; a program that
+  redraws by relative cursor motion may look approximate until its next redraw;
 - :meth:`Screen.render` draws it for one terminal: for a plain shell the last
   history lines first, then the screen (cropped to the joiner's size around
   the cursor, if it is smaller), then the modes and the cursor. It is made from
@@ -33,11 +37,15 @@ from .vtscan import Effect, Segment
 class Screen:
     """The cells of the session's terminal, kept within a budget."""
 
-    def __init__(self, cols: int, rows: int, *, history: int, rate: float, burst: float) -> None:
+    def __init__(
+        self, cols: int, rows: int, *, history: int, rate: float, burst: float, backlog: int
+    ) -> None:
         self.cols, self.rows = cols, rows
         self.history = history
         self.modes = Modes()
+        self.backlog_limit = backlog
         self._budget = TokenBucket(rate, burst)
+        self._backlog = bytearray()
         self.stale = False
         self._reset()
 
@@ -45,17 +53,38 @@ class Screen:
         self._vt = avt.Vt(self.cols, self.rows, scrollback_limit=self.history)
         self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
 
+    @property
+    def behind(self) -> bool:
+        """Output waits in the backlog for the model."""
+        return bool(self._backlog)
+
     def feed(self, segments: list[Segment], now: float) -> None:
-        """The output, as the scanner split it: modes always, cells within the budget."""
+        """The output, as the scanner split it: modes at once, cells through the backlog."""
         size = 0
         for data, effect in segments:
             size += len(data)
             if effect is Effect.MODE:
                 self.modes.feed(data)
-        if self.stale or not self._budget.take(now, size):
-            self.stale = True
+        if self.stale:
             return
-        self._vt.feed_str(self._decode(b"".join(data for data, _ in segments)))
+        if len(self._backlog) + size > self.backlog_limit:
+            self.stale = True  # more than the model can keep up with: rebuilt on a join
+            self._backlog = bytearray()
+            return
+        for data, _ in segments:
+            self._backlog += data
+        self.catch_up(now)
+
+    def catch_up(self, now: float | None = None) -> None:
+        """Feed the backlog to the model: what the budget allows at ``now``, or all of it."""
+        if not self._backlog:
+            return
+        size = len(self._backlog)
+        if now is not None:
+            size = self._budget.take_up_to(now, size)
+        if size:
+            self._vt.feed_str(self._decode(bytes(self._backlog[:size])))
+            del self._backlog[:size]
 
     def resize(self, cols: int, rows: int) -> None:
         self.cols, self.rows = cols, rows
@@ -64,11 +93,13 @@ class Screen:
     def rebuild(self, tail: bytes) -> None:
         """A stale model starts again from ``tail``, the most recent raw output."""
         self._reset()
+        self._backlog = bytearray()
         self._vt.feed_str(self._decode(tail))
         self.stale = False
 
     def render(self, cols: int, rows: int) -> bytes:
         """The screen for a terminal of ``cols`` x ``rows`` (a fresh one, in default modes)."""
+        self.catch_up()
         view = self._vt.view()
         cursor = self._vt.cursor
         out = bytearray(b"\x1b[0m")

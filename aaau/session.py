@@ -15,6 +15,7 @@ touches a socket and never reaches into a connection.
 from __future__ import annotations
 
 import enum
+import functools
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from typing import Final
 
 import trio
 
-from . import asys, reaper
+from . import asys, eof, reaper
 from . import messages as m
 from .audit import AuditLog, BoundAudit
 from .config import Config
@@ -126,7 +127,7 @@ class Session:
         agent = await self._spawner.start(plan, rows=self.rows, cols=self.cols)
         self._agent = agent
         self._pty = PtyMaster(agent.master_fd)
-        self._input = PtyInput(self._pty)
+        self._input = PtyInput(self._pty, _reads(agent, self._pty), sticky_eof=plan.pipe)
         self.asys = asys.session_scope(self.id, plan.uid, agent.pid, agent.cgroups)
         try:
             async with trio.open_nursery() as nursery:
@@ -317,6 +318,15 @@ def _start_metadata(agent: Agent, shared: bool, rows: int, cols: int) -> dict[st
         "cgroup": str(agent.cgroups.v2) if agent.cgroups and agent.cgroups.v2 else None,
         "sandbox": agent.notes,
     }
+
+
+def _reads(agent: Agent, pty: PtyMaster) -> Callable[[], Awaitable[None]]:
+    """Returns once the agent reads its terminal (see :mod:`aaau.eof`)."""
+
+    def look() -> eof.Reading:
+        return eof.probe(agent.pid, pty.fd, agent.pty)
+
+    return functools.partial(eof.until_read, look)
 
 
 def _welcome(session: Session, att: Attachment, created: bool) -> m.Welcome:

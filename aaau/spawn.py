@@ -183,7 +183,7 @@ def plan(
     )
 
 
-def _quiet(fd: int) -> None:
+def quiet_terminal(fd: int) -> None:
     """For a client with no terminal: input is not echoed, output keeps its newlines."""
     mode = termios.tcgetattr(fd)
     mode[1] &= ~termios.ONLCR  # oflag
@@ -235,7 +235,7 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
     try:
         set_winsize(master, rows, cols)
         if p.pipe:
-            _quiet(slave)
+            quiet_terminal(slave)
         pty = os.ttyname(slave)
         os.fchown(slave, p.uid, _tty_gid())  # through the fd, never the name
         os.fchmod(slave, 0o620)

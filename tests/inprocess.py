@@ -29,7 +29,7 @@ from aaau.identities import Identities
 from aaau.policy import Groups, Identity
 from aaau.pty import set_winsize
 from aaau.sessions import Sessions
-from aaau.spawn import Agent, SpawnError, SpawnPlan
+from aaau.spawn import Agent, SpawnError, SpawnPlan, quiet_terminal
 
 from .helpers import AuditView, Peer
 
@@ -66,6 +66,8 @@ class LocalSpawner:
         master, slave = os.openpty()
         try:
             set_winsize(master, rows, cols)
+            if plan.pipe:
+                quiet_terminal(slave)
             pty = os.ttyname(slave)
             process = await trio.lowlevel.open_process(
                 ["setsid", "--ctty", *plan.argv],
