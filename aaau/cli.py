@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from . import client, provision
+from . import attach, client, provision
 from . import messages as m
 from .config import ConfigError, IdentityMode, load
 from .terminal import window_size
@@ -273,6 +273,12 @@ def _client_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--session", help="join this session")
     parser.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
     parser.add_argument("--share", action="store_true", help="let other members type too")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="without a terminal (stdin a pipe or a file), keep the session when this "
+        "client goes (by default it ends with it)",
+    )
     parser.add_argument("-C", "--cwd", help="the agent's working directory")
     parser.add_argument(
         "-e",
@@ -334,9 +340,10 @@ def _dispatch(args: argparse.Namespace, words: list[str]) -> int:
         if args.program or words:
             raise _Usage("-n joins a session: do not name a program too")
         role = m.Role.READONLY if args.read_only else None
-        join = _with_session_id(m.Join, v, args.session, role)
-        return client.run_client(client.attach, sock, join)
-    return client.run_client(client.attach, sock, _create(args, words))
+        rows, cols = window_size(0) if os.isatty(0) else (None, None)
+        join = _with_session_id(m.Join, v, args.session, role, rows, cols)
+        return client.run_client(attach.attach, sock, join)
+    return client.run_client(attach.attach, sock, _create(args, words))
 
 
 def _with_session_id(kind: Callable[..., T], *fields: object) -> T:
@@ -348,9 +355,9 @@ def _with_session_id(kind: Callable[..., T], *fields: object) -> T:
 
 def _program(args: argparse.Namespace, words: list[str]) -> tuple[str, ...] | None:
     """The argv to run: -p split like a shell (never re-parsed later), an alias, or None."""
-    if args.program and words:
+    if args.program is not None and words:
         raise _Usage("give either -p PROGRAM or an alias, not both")
-    if args.program:
+    if args.program is not None:
         try:
             argv = tuple(shlex.split(args.program))
         except ValueError as exc:
@@ -384,10 +391,18 @@ def _environment(items: list[str]) -> dict[str, str]:
     return env
 
 
+#: the client's environment that describes its terminal, passed on to the agent
+_TERMINAL_ENV = ("COLORTERM",)
+
+
 def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
     argv = _program(args, words)
     env = _environment(args.env)
-    rows, cols = window_size(0) if os.isatty(0) else window_size(1)
+    terminal = os.isatty(0)
+    for name in _TERMINAL_ENV:  # what the person's terminal can do (truecolor)
+        if name in os.environ and name not in env:
+            env[name] = os.environ[name]
+    rows, cols = window_size(0) if terminal else window_size(1)
     try:
         return m.Create(
             m.PROTOCOL_VERSION,
@@ -398,6 +413,8 @@ def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
             share=args.share,
             cwd=os.path.abspath(args.cwd) if args.cwd else None,
             env=env,
+            pipe=not terminal,
+            keep=args.keep,
         )
     except ValueError as exc:
         raise _Usage(str(exc)) from None

@@ -1,33 +1,28 @@
-"""The ``aaau`` client: connect, hand-shake, then move bytes both ways.
+"""The ``aaau`` client's link to the server, its one-shot requests and its error policy.
 
-On a terminal: raw mode (restored on every exit path), SIGWINCH sends a
-resize, ``~.`` after a newline detaches. Without a terminal: stdin is
-forwarded as input and its end becomes the agent's end of input.
+The attached client (a terminal or pipes and one session) is :mod:`aaau.attach`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
+import shlex
 import sys
 import time
-from collections.abc import AsyncIterator
+import unicodedata
 from typing import Any
 
 import trio
 
 from . import codec
 from . import messages as m
-from .errors import ErrorCode, ProtocolError
-from .escape import EscapeFilter
+from .errors import ProtocolError
 from .framing import FramedStream
 from .protocol import Kind, data_frame
-from .terminal import open_tty, raw_mode, window_size
+from .terminal import TerminalError
 
 EXIT_ERROR = 255
-_NONFATAL = {ErrorCode.FORBIDDEN, ErrorCode.SHUTDOWN}
 
 
 class ClientError(Exception):
@@ -58,7 +53,7 @@ class _Credit:
         return granted
 
 
-class _Link:
+class Link:
     """A connection to the server: framed messages in and out."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
@@ -88,15 +83,15 @@ class _Link:
         await self.framed.aclose()
 
 
-async def connect(path: str) -> _Link:
+async def connect(path: str) -> Link:
     try:
         stream = await trio.open_unix_socket(path)
     except OSError as exc:
         raise ClientError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-    return _Link(stream)
+    return Link(stream)
 
 
-def _fail_on_error(reply: m.ServerMessage) -> None:
+def fail_on_error(reply: m.ServerMessage) -> None:
     if isinstance(reply, m.Error):
         raise ClientError(reply.message)
 
@@ -107,7 +102,7 @@ async def one_shot(path: str, request: m.ClientMessage) -> m.ServerMessage:
     async with link.framed.stream:
         await link.send(request)
         reply = await link.next_control()
-    _fail_on_error(reply)
+    fail_on_error(reply)
     return reply
 
 
@@ -123,7 +118,7 @@ async def asys_call(
         async with link.framed.stream:
             await link.send(m.Join(v, session_id))
             welcome = await link.next_control()
-            _fail_on_error(welcome)
+            fail_on_error(welcome)
             await link.send(m.AsysRequest(1, instruction, args))
             while True:
                 frame = await link.framed.next_frame()
@@ -133,7 +128,7 @@ async def asys_call(
                     reply = codec.decode_server(frame.payload)
                     if isinstance(reply, m.AsysResult | m.Exited):
                         break
-                    _fail_on_error(reply)
+                    fail_on_error(reply)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await link.send(m.Detach())
     if not isinstance(reply, m.AsysResult):
@@ -144,155 +139,59 @@ async def asys_call(
     return 0 if reply.sw == "9000" else 1
 
 
-def format_sessions(sessions: tuple[m.SessionInfo, ...]) -> str:
-    lines = [f"{'SESSION':24} {'CREATOR':12} {'CLIENTS':>7} {'AGE':>8}  COMMAND"]
-    now = time.time()
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control and format characters escaped.
+
+    Another member chooses argv (and, through it, what ``aaau ls`` shows): raw, it
+    could set an admin's window title, hide a line, or move the cursor.
+    """
+    return "".join(
+        ch if unicodedata.category(ch)[0] != "C" else ch.encode("unicode_escape").decode()
+        for ch in text
+    )
+
+
+def _since(created_at: float, now: float) -> str:
+    local, today = time.localtime(created_at), time.localtime(now)
+    if now - created_at < 20 * 3600 and local.tm_yday == today.tm_yday:
+        return time.strftime("%H:%M", local)
+    return time.strftime("%b%d", local)
+
+
+def _watching(clients: tuple[m.ClientInfo, ...]) -> str:
+    if not clients:
+        return "-"
+    roles = {m.Role.READONLY: "ro", m.Role.INTERACTIVE: "rw", m.Role.ADMIN: "admin"}
+    return ",".join(f"{c.user}({roles[c.role]})" for c in clients)
+
+
+def format_sessions(sessions: tuple[m.SessionInfo, ...], now: float | None = None) -> str:
+    """``aaau ls``: one line per session, every field made printable."""
+    now = time.time() if now is None else now
+    rows = [("SESSION", "CREATOR", "SINCE", "SIZE", "WATCHING", "COMMAND")]
     for s in sessions:
-        age = int(now - s.created_at)
-        lines.append(
-            f"{s.session_id:24} {s.creator:12} {len(s.clients):>7} {age:>7}s  {' '.join(s.argv)}"
+        rows.append(
+            (
+                s.session_id,
+                s.creator,
+                _since(s.created_at, now),
+                f"{s.cols}x{s.rows}",
+                _watching(s.clients),
+                shlex.join(s.argv) if s.argv else "(login shell)",
+            )
         )
-    return "\n".join(lines)
+    cells = [[printable(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
+        + "  "
+        + row[5]
+        for row in cells
+    )
 
 
 def session_json(info: m.SessionInfo) -> Any:
     return codec.converter.unstructure(info)
-
-
-async def attach(path: str, hello: m.Create | m.Join) -> int:
-    """Run an interactive (or piped) session; returns the process exit status."""
-    link = await connect(path)
-    async with link.framed.stream:
-        await link.send(hello)
-        welcome = await link.next_control()
-        _fail_on_error(welcome)
-        if not isinstance(welcome, m.Welcome):
-            raise ClientError(f"unexpected reply {type(welcome).__name__}")
-        print(
-            f"aaau: session {welcome.session_id} ({welcome.role.value}); "
-            "~. after a newline detaches",
-            file=sys.stderr,
-            flush=True,
-        )
-        # the signals are ours before the terminal goes raw, so none can leave it raw
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
-            if os.isatty(0):
-                tty_fd = open_tty(0)
-                with raw_mode(0):
-                    return await _run(link, welcome, tty_fd, signals)
-            return await _run(link, welcome, None, signals)
-
-
-async def _run(
-    link: _Link, welcome: m.Welcome, tty_fd: int | None, signals: AsyncIterator[int]
-) -> int:
-    result: list[int] = []
-    link.credit.give(welcome.input_window)
-    tty = trio.lowlevel.FdStream(tty_fd) if tty_fd is not None else None
-    async with trio.open_nursery() as nursery:
-
-        def finish(code: int) -> None:
-            if not result:
-                result.append(code)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(_receive, link, tty, finish)
-        if tty is not None:
-            nursery.start_soon(_keyboard, link, tty, welcome.role, finish)
-            nursery.start_soon(_winch, link, welcome.role)
-        elif welcome.role is not m.Role.READONLY:
-            nursery.start_soon(_pipe_input, link)
-        nursery.start_soon(_signals, signals, finish)
-    if tty is not None:
-        with trio.CancelScope(shield=True):
-            await tty.aclose()
-    return result[0] if result else EXIT_ERROR
-
-
-def _notice(text: str, tty: trio.lowlevel.FdStream | None) -> None:
-    end = "\r\n" if tty is not None else "\n"
-    sys.stderr.write(f"aaau: {text}{end}")
-    sys.stderr.flush()
-
-
-async def _receive(link: _Link, tty: trio.lowlevel.FdStream | None, finish: Any) -> None:
-    while True:
-        try:
-            frame = await link.framed.next_frame()
-        except ProtocolError as exc:
-            _notice(f"protocol error from the server: {exc}", tty)
-            finish(EXIT_ERROR)
-            return
-        if frame is None:
-            _notice("the server closed the connection", tty)
-            finish(EXIT_ERROR)
-            return
-        if frame.kind is Kind.DATA:
-            if tty is not None:
-                await tty.send_all(frame.payload)
-            else:
-                _write_stdout(frame.payload)
-            continue
-        msg = codec.decode_server(frame.payload)
-        if isinstance(msg, m.InputCredit):
-            link.credit.give(msg.bytes)
-        elif isinstance(msg, m.Exited):
-            finish(msg.code if msg.signal is None else 128 + msg.signal)
-            return
-        if isinstance(msg, m.Error):
-            _notice(msg.message, tty)
-            if msg.code not in _NONFATAL:
-                finish(EXIT_ERROR)
-                return
-        elif isinstance(msg, m.RoleChanged):
-            _notice(f"your role is now {msg.role.value} ({msg.reason})", tty)
-
-
-def _write_stdout(data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
-
-
-async def _keyboard(link: _Link, tty: trio.lowlevel.FdStream, role: m.Role, finish: Any) -> None:
-    escape = EscapeFilter()
-    while data := await tty.receive_some(4096):
-        data, detach = escape.feed(data)
-        if data and role is not m.Role.READONLY:
-            await link.send_input(data)
-        if detach:
-            await link.send(m.Detach())
-            _notice("detached", tty)
-            finish(0)
-            return
-
-
-async def _pipe_input(link: _Link) -> None:
-    while True:
-        data = await trio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True)
-        if not data:
-            await link.send(m.InputEof())
-            return
-        await link.send_input(data)
-
-
-async def _winch(link: _Link, role: m.Role) -> None:
-    if role is m.Role.READONLY:
-        return
-    # no resize on join: a joiner must not force its size on everyone until it changes
-    with trio.open_signal_receiver(signal.SIGWINCH) as signals:
-        rows, cols = window_size(0)
-        async for _ in signals:
-            new = window_size(0)
-            if new != (rows, cols):
-                rows, cols = new
-                await link.send(m.Resize(rows=rows, cols=cols))
-
-
-async def _signals(signals: AsyncIterator[int], finish: Any) -> None:
-    async for signum in signals:
-        finish(128 + signum)
-        return
 
 
 def print_json(obj: Any) -> None:
@@ -306,17 +205,20 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def run_client(coro_fn: Any, *args: Any) -> int:
-    """trio.run with the client's error policy: one line on stderr, exit 255."""
+    """trio.run with the client's error policy: one line on stderr that names the culprit
+    (the terminal, standard output, the server), exit 255."""
     try:
         return int(trio.run(coro_fn, *args))
     except BaseException as exc:
         leaf = _leaf(exc)
-        if isinstance(leaf, ClientError):
+        if isinstance(leaf, ClientError | TerminalError):
             message = str(leaf)
         elif isinstance(leaf, ProtocolError):
-            message = f"protocol error: {leaf}"
-        elif isinstance(leaf, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
-            message = f"connection to the server lost: {leaf}"
+            message = f"protocol error from the server: {leaf}"
+        elif isinstance(leaf, trio.BrokenResourceError | trio.ClosedResourceError):
+            message = f"connection to the server lost: {leaf.__cause__ or leaf}"
+        elif isinstance(leaf, OSError):
+            message = f"{leaf.strerror or leaf}" + (f": {leaf.filename}" if leaf.filename else "")
         elif isinstance(leaf, KeyboardInterrupt):
             message = "interrupted"
         else:

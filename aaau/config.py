@@ -26,6 +26,9 @@ class Audience(enum.StrEnum):
 
     ALL = "all"
     INTERACTIVE = "interactive"  # Interactive and Admin clients, not ReadOnly observers
+    #: one Interactive (or Admin) client: the one who typed last (before anyone typed, the
+    #: first attached), so that a terminal query gets one answer, not one per person
+    TYPIST = "typist"
     NONE = "none"
 
 
@@ -102,7 +105,7 @@ class Config:
     #: make a terminal answer on its input), window titles, hyperlinks (OSC 8)
     clipboard_writes_to: Audience = attrs.field(default=Audience.INTERACTIVE, converter=Audience)
     clipboard_queries_to: Audience = attrs.field(default=Audience.NONE, converter=Audience)
-    terminal_queries_to: Audience = attrs.field(default=Audience.INTERACTIVE, converter=Audience)
+    terminal_queries_to: Audience = attrs.field(default=Audience.TYPIST, converter=Audience)
     titles_to: Audience = attrs.field(default=Audience.ALL, converter=Audience)
     hyperlinks_to: Audience = attrs.field(default=Audience.ALL, converter=Audience)
     #: the screen model (what joiners see): fed screen_rate bytes/s (bursts of

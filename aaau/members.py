@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -40,7 +40,11 @@ def removed_for(config: Config, role: m.Role) -> frozenset[Effect]:
         Effect.TITLE: config.titles_to,
         Effect.HYPERLINK: config.hyperlinks_to,
     }
-    allowed = (Audience.ALL,) if role is m.Role.READONLY else (Audience.ALL, Audience.INTERACTIVE)
+    allowed = (
+        (Audience.ALL,)
+        if role is m.Role.READONLY
+        else (Audience.ALL, Audience.INTERACTIVE, Audience.TYPIST)
+    )
     return frozenset(effect for effect, audience in audiences.items() if audience not in allowed)
 
 
@@ -57,6 +61,12 @@ class Attachment:
     input_window: int = 0  # bytes of input in flight (0: may not type)
     #: escape sequences this client's role does not receive (the output filter)
     removed: frozenset[Effect] = frozenset()
+    #: the client's terminal (rows, cols), if it said; smaller than the session, the
+    #: client is sent redrawn views of the screen instead of the output (aaau.views)
+    view: tuple[int, int] | None = None
+    viewing: bool = False
+    dirty: bool = False  # output came since its last view
+    shows_alternate: bool = False  # while sent views: its terminal is on the alternate screen
 
     def info(self) -> m.ClientInfo:
         return m.ClientInfo(self.client_id, self.identity.user, self.identity.uid, self.role)
@@ -83,6 +93,10 @@ class Members:
         self._shared = shared
         self.config = config
         self._clients: dict[int, Attachment] = {}
+        #: called when a client that is sent views has output to see (aaau.views)
+        self.on_dirty: Callable[[], None] = lambda: None
+        #: the client who typed last: the one terminal queries go to (Audience.TYPIST)
+        self.typist: Attachment | None = None
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -167,7 +181,7 @@ class Members:
         """``frame`` to every client, never waiting; one that cannot take it is evicted."""
         for att in list(self._clients.values()):
             if not att.outbox.put(frame):
-                self._evict(att)
+                self.evict(att)
 
     def fan_out_output(self, segments: list[Segment], raw: bytes) -> Counter[Effect]:
         """Output to every client, less what its role does not receive; what was removed.
@@ -178,16 +192,40 @@ class Members:
         effects = {effect for _, effect in segments if effect is not None}
         frames: dict[frozenset[Effect], bytes | None] = {}
         removed: Counter[Effect] = collections.Counter()
+        answerer = self._answerer() if Effect.QUERY in effects else None
         for att in list(self._clients.values()):
+            if att.viewing:
+                att.dirty = True
+                self.on_dirty()
+                continue
             key = att.removed & effects
+            if answerer is not None and att is not answerer:
+                key |= {Effect.QUERY}
             if key not in frames:
                 data = without(segments, key) if key else raw
                 frames[key] = data_frame(data) if data else None
                 removed.update(effect for _, effect in segments if effect in key)
             frame = frames[key]
             if frame is not None and not att.outbox.put(frame):
-                self._evict(att)
+                self.evict(att)
         return removed
+
+    def _answerer(self) -> Attachment | None:
+        """With queries to the typist only: who gets them (None: the filter decides alone)."""
+        if self.config.terminal_queries_to is not Audience.TYPIST:
+            return None
+        typist = self.typist
+        if (
+            typist is not None
+            and self._clients.get(typist.client_id) is typist
+            and Effect.QUERY not in typist.removed
+            and not typist.viewing
+        ):
+            return typist
+        for att in self._clients.values():  # the first attached who may get queries
+            if Effect.QUERY not in att.removed and not att.viewing:
+                return att
+        return None
 
     def broadcast(self, message: m.ServerMessage) -> None:
         self.fan_out(codec.encode(message))
@@ -198,7 +236,7 @@ class Members:
             att.audit.note("leave", content=reason)
             self.broadcast(m.Left(att.info()))
 
-    def _evict(self, att: Attachment) -> None:
+    def evict(self, att: Attachment) -> None:
         """Its outbox overflowed (the connection says ``too-slow``): out it goes."""
         if self._clients.pop(att.client_id, None) is not None:
             att.audit.note(

@@ -150,6 +150,18 @@ class Resize:
 
 
 @attrs.frozen
+class Viewport:
+    """The size of this client's terminal (any role): what it is shown is drawn for it.
+
+    It does not resize the session; a client smaller than the session is sent
+    views of the screen around the cursor, redrawn as the output changes.
+    """
+
+    rows: int = attrs.field(validator=_dimension)
+    cols: int = attrs.field(validator=_dimension)
+
+
+@attrs.frozen
 class Ping:
     nonce: int = attrs.field(default=0, validator=[v.ge(0), v.le(2**53)])
 
@@ -205,7 +217,7 @@ class AsysRequest:
 
 
 Hello = Create | Join | ListSessions | QueryStatus | Kill | AsysCall
-SessionRequest = Resize | Ping | GetStatus | ForceKill | Detach | InputEof | AsysRequest
+SessionRequest = Resize | Viewport | Ping | GetStatus | ForceKill | Detach | InputEof | AsysRequest
 ClientMessage = Create | Join | ListSessions | QueryStatus | Kill | AsysCall | SessionRequest
 
 

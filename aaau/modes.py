@@ -82,3 +82,14 @@ class Modes:
         if self.g0 != "B":
             out += b"\x1b(" + self.g0.encode("latin-1")
         return bytes(out)
+
+    def state(self) -> bytes:
+        """Every tracked mode set explicitly, on or off: whatever state a terminal is in."""
+        out = bytearray()
+        for mode, default in _DEFAULTS.items():
+            out += b"\x1b[?%d%s" % (mode, b"h" if self.private.get(mode, default) else b"l")
+        for mode in _MOUSE:
+            out += b"\x1b[?%d%s" % (mode, b"h" if self.private.get(mode) else b"l")
+        out += b"\x1b=" if self.keypad else b"\x1b>"
+        out += b"\x1b(" + self.g0.encode("latin-1")
+        return bytes(out)

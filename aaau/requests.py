@@ -151,6 +151,10 @@ class Requests:
     async def _resize(self, msg: m.Resize) -> None:
         self.session.resize(self.att, msg.rows, msg.cols)
 
+    async def _viewport(self, msg: m.Viewport) -> None:
+        session = self.session
+        session.views.viewport(self.att, (msg.rows, msg.cols), (session.rows, session.cols))
+
     async def _ping(self, msg: m.Ping) -> None:
         self.att.send(m.Pong(msg.nonce))
 
@@ -204,6 +208,7 @@ _RULES: dict[type, Rule] = {
         _READ_ONLY_INPUT,
         control_record=False,  # the input path writes ``input_eof`` when it takes effect
     ),
+    m.Viewport: Rule(Requests._viewport),
     m.Ping: Rule(Requests._ping),
     m.GetStatus: Rule(Requests._status),
     m.ForceKill: Rule(

@@ -104,13 +104,15 @@ class Screen:
         cursor = self._vt.cursor
         out = bytearray(b"\x1b[0m")
         alternate = self.modes.alternate
-        out += b"\x1b[?1049h" if alternate else b""
-        out += b"\x1b[H\x1b[2J"
+        if alternate:
+            out += b"\x1b[?1049h\x1b[H\x1b[2J"
+        else:  # scroll what the terminal showed into its history (notices stay readable)
+            out += b"\x1b[%d;1H" % rows + b"\n" * rows + b"\x1b[H"
         lines = view if alternate else self._vt.lines()[-(self.history + self.rows) :]
         first_view = len(lines) - len(view)
         # a smaller terminal shows the rows of the view around the cursor (the lowest such):
         # print down to the window's last row; what is above scrolls into their history
-        top = max(0, min(cursor.row - rows + 1, self.rows - rows)) if rows < self.rows else 0
+        top = _window(cursor.row, self.rows, rows)
         shown = lines[: first_view + min(len(view), top + rows)]
         out += b"\r\n".join(_line(line, cols) for line in shown)
         row = first_view + cursor.row - max(0, len(shown) - rows)  # 0-based, on their screen
@@ -119,6 +121,38 @@ class Screen:
         out += self.modes.sequences()
         out += b"\x1b[%d;%dH" % (max(0, min(row, rows - 1)) + 1, min(cursor.col, cols - 1) + 1)
         return bytes(out)
+
+
+    def render_view(self, cols: int, rows: int, alternate: bool) -> tuple[bytes, bool]:
+        """The screen redrawn in place for a terminal of ``cols`` x ``rows`` that already
+        shows a view (``alternate``: it is on the alternate screen); and whether it now is.
+
+        Every row is drawn at an absolute position, and every mode set explicitly, so
+        nothing depends on what the terminal showed before; no history, no region.
+        """
+        self.catch_up()
+        view = self._vt.view()
+        cursor = self._vt.cursor
+        out = bytearray(b"\x1b[0m\x1b[r")
+        if self.modes.alternate != alternate:
+            out += b"\x1b[?1049h\x1b[H\x1b[2J" if self.modes.alternate else b"\x1b[?1049l"
+        top = _window(cursor.row, len(view), rows)
+        for i, line in enumerate(view[top : top + rows]):
+            # erased first: an erase after a full row would take its last cell too
+            out += b"\x1b[%d;1H\x1b[2K" % (i + 1) + _line(line, cols)
+        if len(view) - top < rows:
+            out += b"\x1b[%d;1H\x1b[J" % (len(view) - top + 1)
+        out += self.modes.state()
+        if self.modes.region is not None and (cols, rows) == (self.cols, self.rows):
+            out += b"\x1b[%d;%dr" % self.modes.region  # the output follows: it needs it
+        row = max(0, min(cursor.row - top, rows - 1))
+        out += b"\x1b[%d;%dH" % (row + 1, min(cursor.col, cols - 1) + 1)
+        return bytes(out), self.modes.alternate
+
+
+def _window(cursor_row: int, height: int, rows: int) -> int:
+    """The first row a terminal of ``rows`` shows: the lowest window with the cursor in it."""
+    return max(0, min(cursor_row - rows + 1, height - rows)) if rows < height else 0
 
 
 def _line(line: avt.Line, cols: int) -> bytes:

@@ -35,6 +35,7 @@ from .policy import Identity, Standing
 from .protocol import data_frame
 from .pty import PtyInput, PtyMaster, PtyReader
 from .spawn import Agent, Spawner, SpawnPlan
+from .views import Views
 
 #: the most one PTY read burst publishes as a chunk (also kept under a quarter
 #: of the client queue limit, so one chunk never evicts a client on its own)
@@ -96,6 +97,7 @@ class Session:
             session_id, self._audit, creator_uid=creator.uid, shared=shared, config=config
         )
         self.output = SessionOutput(self.members, self._audit, config, cols, rows)
+        self.views = Views(self.members, self.output)
         self._spawner = spawner
         self._on_end = on_end
         self._on_started = on_started
@@ -140,6 +142,7 @@ class Session:
                 reader = PtyReader(self._pty, self._read_size(), out.publish, out)
                 nursery.start_soon(reader.run)
                 nursery.start_soon(self._input.run)
+                nursery.start_soon(self.views.serve)
                 await agent.process.wait()
                 self.state = SessionState.ENDING
                 await self._end_processes(agent)
@@ -221,11 +224,12 @@ class Session:
         if not self.alive:
             raise RequestError(f"session {self.id} has ended", code=ErrorCode.UNKNOWN_SESSION)
         att = self.members.join(identity, standing, outbox, requested, created=created)
+        att.view = size or (self.rows, self.cols)
         att.send(_welcome(self, att, created))
         if not created:
-            rows, cols = size or (self.rows, self.cols)
-            outbox.put(data_frame(self.output.rendering(cols, rows)))
+            outbox.put(data_frame(self.output.rendering(att.view[1], att.view[0])))
         self.members.add(att)
+        self.views.update(att, (self.rows, self.cols), joined=True)
         if not created:  # a full-screen program repaints for the newcomer
             self._pty.signal_foreground(signal.SIGWINCH)
         return att
@@ -246,6 +250,7 @@ class Session:
     async def input(self, att: Attachment, data: bytes) -> None:
         """Typed bytes from ``att`` (checked by the caller); may wait for the agent."""
         if self.alive:
+            self.members.typist = att
             await self._input.send(att.audit, data)
 
     async def input_eof(self, att: Attachment) -> None:
@@ -263,6 +268,7 @@ class Session:
         self._pty.resize(rows, cols)
         self.output.resize(cols, rows)
         self.rows, self.cols = rows, cols
+        self.views.resized(att, (rows, cols))
 
     def force_kill(self, audit: BoundAudit) -> None:
         """FORCE_KILL by whoever ``audit`` is bound to (the caller checked the right)."""

@@ -166,11 +166,13 @@ def tmux_available() -> bool:
 
 class Tmux:
     def __init__(self) -> None:
-        self.sock = f"aaau-bench-{os.getpid()}"
+        # a socket path in a directory of our own: tmux leaves its socket file behind
+        self._dir = tempfile.TemporaryDirectory(prefix="aaau-bench-tmux-")
+        self.sock = os.path.join(self._dir.name, "tmux.sock")
 
     def cmd(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["tmux", "-L", self.sock, "-f", "/dev/null", *args],
+            ["tmux", "-S", self.sock, "-f", "/dev/null", *args],
             capture_output=True,
             text=True,
             check=False,
@@ -178,6 +180,7 @@ class Tmux:
 
     def kill(self) -> None:
         self.cmd("kill-server")
+        self._dir.cleanup()
 
     def new_session(self, command: str) -> None:
         """Session ``b``, 200x50, running ``command``, with no status line to redraw."""
@@ -210,7 +213,7 @@ async def _tmux_client(
 
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     proc = subprocess.Popen(
-        ["tmux", "-L", tmux.sock, "-f", "/dev/null", "attach", "-t", "b"],
+        ["tmux", "-S", tmux.sock, "-f", "/dev/null", "attach", "-t", "b"],
         stdin=slave,
         stdout=slave,
         stderr=slave,

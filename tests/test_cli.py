@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from .helpers import (
+    ADA,
     ADMIN_GROUP,
     AGENT,
     ALICE,
@@ -67,6 +68,76 @@ async def test_end_of_stdin_is_end_of_input_for_the_agent(server: ServerProc) ->
     assert b"partial" in result.stdout
 
 
+@pytest.mark.parametrize("program", ["bash -l", "python3"])
+async def test_a_readline_program_at_end_of_stdin_ends_20_of_20(
+    server: ServerProc, program: str
+) -> None:
+    """``aaau -p 'bash -l' </dev/null``: end of input reaches it once it reads."""
+
+    async def one(results: list[int]) -> None:
+        result = await run_cli(ALICE, ["-p", program], server.socket, stdin=b"")
+        results.append(result.returncode)
+
+    results: list[int] = []
+    for _ in range(5):  # 4 at a time: within the member's session limit
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one, results)
+    assert results == [0] * 20
+
+
+async def test_a_pipe_session_ends_with_its_client_unless_kept(server: ServerProc) -> None:
+    async with trio.open_nursery() as nursery:
+        for started, keep in enumerate(([], ["--keep"]), start=1):
+            proc = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [PY, "-m", "aaau", *keep, "-p", "sleep 600"],
+                    stdin=subprocess.PIPE,
+                    check=False,
+                    **as_client(ALICE, server.socket),
+                )
+            )
+            await wait_for(lambda n=started: len(server.records("session_start")) == n)
+            proc.kill()  # the client, not the agent
+    (ended,) = await wait_for(lambda: server.records("session_end"))
+    assert "in pipe mode, left" in ended["metadata"]["end_reason"]
+    listing = json.loads((await run_cli(ALICE, ["ls", "--json"], server.socket)).stdout)
+    assert [s["argv"] for s in listing] == [["sleep", "600"]]  # the kept one
+
+
+async def test_a_closed_stdout_is_named_as_such_not_as_the_server(server: ServerProc) -> None:
+    proc = await trio.lowlevel.open_process(
+        [PY, "-m", "aaau", "-p", "seq 1 10000000"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **as_client(ALICE, server.socket),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    with trio.fail_after(20):
+        assert await proc.stdout.receive_some(100)
+        await proc.stdout.aclose()  # like `| head -1`
+        stderr = b""
+        while chunk := await proc.stderr.receive_some(4096):
+            stderr += chunk
+        assert await proc.wait() == 255
+    assert stderr.splitlines()[-1] == b"aaau: cannot write to standard output: Broken pipe"
+
+
+async def test_an_empty_program_is_refused_not_a_login_shell(server: ServerProc) -> None:
+    result = await run_cli(ALICE, ["-p", ""], server.socket)
+    assert (result.returncode, result.stderr) == (255, b"aaau: the program string is empty\n")
+    assert not server.records("session_start")
+
+
+async def test_colorterm_reaches_the_agent(server: ServerProc) -> None:
+    result = await run_cli(
+        ALICE, ["-p", "printenv COLORTERM"], server.socket, env={"COLORTERM": "truecolor"}
+    )
+    assert result.returncode == 0 and b"truecolor" in result.stdout
+
+
 async def test_signal_exit_maps_to_128_plus_n(server: ServerProc) -> None:
     result = await run_cli(ALICE, ["-p", "sh -c 'kill -KILL $$'"], server.socket)
     assert result.returncode == 128 + 9
@@ -105,6 +176,7 @@ async def test_ls_status_and_kill(server: ServerProc) -> None:
     assert entry["argv"] == ["sleep", "60"]
     plain = await run_cli(BOB, ["ls"], server.socket)
     assert sid.encode() in plain.stdout and b"sleep 60" in plain.stdout
+    assert b"80x24" in plain.stdout and f"{ALICE}(rw)".encode() in plain.stdout
     status = await run_cli(BOB, ["status", sid], server.socket)
     assert json.loads(status.stdout)["alive"] is True
     denied = await run_cli(BOB, ["kill", sid], server.socket)
@@ -114,6 +186,16 @@ async def test_ls_status_and_kill(server: ServerProc) -> None:
     assert f"session {sid} killed".encode() in killed.stdout
     listing = await run_cli(BOB, ["ls", "--json"], server.socket)
     assert json.loads(listing.stdout) == []
+
+
+async def test_ls_prints_no_control_character_another_member_chose(server: ServerProc) -> None:
+    hostile = "\x1b]0;pwned\x07\x1b[2K\x1b[1A\r\x9b2J"
+    _alice, welcome = await server.create(ALICE, ("sh", "-c", "sleep 60", hostile))
+    plain = await run_cli(ADA, ["ls"], server.socket)
+    assert plain.returncode == 0
+    assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", plain.stdout)
+    assert "\x9b".encode() not in plain.stdout
+    assert b"\\x1b]0;pwned\\x07" in plain.stdout and welcome.session_id.encode() in plain.stdout
 
 
 class PtyClient:

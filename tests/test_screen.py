@@ -197,3 +197,12 @@ def test_sequences_set_in_a_fresh_terminal_what_the_program_set() -> None:
     modes = modes_of(b"\x1b[?7l\x1b[?2004h\x1b[?1000h\x1b>\x1b=")
     again = modes_of(modes.sequences())
     assert again.private == modes.private and again.keypad
+
+
+def test_a_main_screen_rendering_scrolls_what_the_joiner_had_into_history() -> None:
+    s = fed(screen(), b"agent output\r\n$ ")
+    joiner = avt.Vt(40, 10, scrollback_limit=100)
+    joiner.feed_str("aaau: session X (interactive)\r\n")  # the client's notice
+    joiner.feed_str(s.render(40, 10).decode())
+    assert [line.text.rstrip() for line in joiner.view()][:2] == ["agent output", "$"]
+    assert any("aaau: session X" in line.text for line in joiner.lines()[:-10])

@@ -149,3 +149,75 @@ async def test_end_of_input_lasts_in_a_pipe_session_until_someone_types(ip: InPr
     await ada.type(b"typed-later\n")  # input again: end of input no longer holds
     await alice.expect_output(b"typed-later")
     assert ip.hub.sessions.find(welcome.session_id).alive
+
+
+def _screen_of(output: bytes, cols: int, rows: int) -> list[str]:
+    terminal = avt.Vt(cols, rows)
+    terminal.feed_str(output.decode("utf-8", "replace"))
+    return [line.text.rstrip() for line in terminal.view()]
+
+
+async def test_a_smaller_joiner_is_sent_views_that_follow_the_output(ip: InProcess) -> None:
+    """Output drawn for 80 columns would wrap on 40: the joiner gets it redrawn instead."""
+    alice, welcome = await ip.create("alice", ("sh", "-c", "read go; exec cat"))
+    bob = await ip.connect("bob", m.Join(V, welcome.session_id, rows=10, cols=40))
+    await bob.expect(m.Welcome)
+    long_line = "x" * 30 + "-tail-of-a-long-line-" + "y" * 20  # 71 columns
+    await alice.type(f"go\n{long_line}\n".encode())
+    await alice.expect_output(long_line.encode() + b"\r\n" + long_line.encode())
+    await bob.expect_output(b"-tail-")
+
+    def bob_sees_the_crop() -> bool:
+        screen = _screen_of(bytes(bob.output), 40, 10)
+        return screen[:3] == ["go", long_line[:40], long_line[:40]]
+
+    await bob.until(bob_sees_the_crop)
+    assert long_line.encode() not in bob.output  # never the raw line, which would wrap
+
+
+async def test_a_viewport_as_large_as_the_session_switches_back_to_the_output(
+    ip: InProcess,
+) -> None:
+    alice, welcome = await ip.create("alice", ("cat",))
+    bob = await ip.connect("bob", m.Join(V, welcome.session_id, rows=10, cols=40))
+    await bob.expect(m.Welcome)
+    await bob.send(m.Viewport(rows=24, cols=80))  # bob's terminal grew
+    await alice.type(b"after-the-viewport\n")
+    await bob.expect_output(b"after-the-viewport\r\nafter-the-viewport\r\n")  # raw output
+    (control,) = [r for r in ip.records("control", user="bob") if r["content"] == "viewport"]
+    assert control["role"] == "readonly"
+
+
+async def test_a_resize_to_a_larger_size_sends_the_smaller_clients_views(ip: InProcess) -> None:
+    alice, welcome = await ip.create("alice", ("cat",))
+    bob = await ip.connect("bob", m.Join(V, welcome.session_id, rows=24, cols=80))
+    await bob.expect(m.Welcome)
+    await alice.send(m.Resize(rows=50, cols=200))  # alice's terminal grew; bob's did not
+    session = ip.hub.sessions.find(welcome.session_id)
+    await wait_for(lambda: session.cols == 200)
+    viewing = {a.identity.user: a.viewing for a in session.members}
+    assert viewing == {"alice": False, "bob": True}
+    line = "z" * 150
+    await alice.type(line.encode() + b"\n")
+    await bob.until(lambda: "z" * 80 in _screen_of(bytes(bob.output), 80, 24))
+    assert line.encode() not in bob.output
+
+
+async def test_a_terminal_query_goes_to_one_interactive_client_the_last_typist(
+    ip: InProcess,
+) -> None:
+    """Two people's terminals would both answer: the query goes to whoever typed last."""
+    script = "while read line; do printf '\\033[c\\033[6n%s\\n' \"$line\"; done"
+    alice, welcome = await ip.create("alice", ("sh", "-c", script), share=True)
+    bob, reply = await ip.join("bob", welcome.session_id)
+    assert isinstance(reply, m.Welcome) and reply.role is m.Role.INTERACTIVE
+    await alice.type(b"from-alice\n")
+    for peer in (alice, bob):  # the echo, then the program's line
+        await peer.until(lambda p=peer: p.output.count(b"from-alice") == 2)
+    assert b"\x1b[c\x1b[6nfrom-alice" in alice.output
+    assert b"\x1b[c" not in bob.output and b"\x1b[6n" not in bob.output
+    await bob.type(b"from-bob\n")
+    for peer in (alice, bob):
+        await peer.until(lambda p=peer: p.output.count(b"from-bob") == 2)
+    assert b"\x1b[c\x1b[6nfrom-bob" in bob.output
+    assert b"\x1b[6nfrom-bob" not in alice.output
