@@ -49,6 +49,8 @@ class OutputError(ClientError):
 class _Outcome:
     code: int
     line: str | None  # what is said on the way out (None: nothing)
+    #: the agent ended by itself: its exit status says it all (pipe mode says nothing)
+    agent_exit: bool = False
 
 
 class _Seen:
@@ -109,10 +111,10 @@ class Attached:
         self._nursery: trio.Nursery | None = None
         self._out: trio.lowlevel.FdStream | None = None
 
-    def finish(self, code: int, line: str | None) -> None:
+    def finish(self, code: int, line: str | None, *, agent_exit: bool = False) -> None:
         """The first outcome wins; everything else stops."""
         if self.outcome is None:
-            self.outcome = _Outcome(code, line)
+            self.outcome = _Outcome(code, line, agent_exit)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -145,7 +147,7 @@ class Attached:
             if self._out is not None:
                 with contextlib.suppress(OSError, trio.BrokenResourceError):
                     await self._out.aclose()
-            if outcome.line is not None and outcome.code != 0:
+            if outcome.line is not None and not outcome.agent_exit:
                 print(f"aaau: {outcome.line.strip('[]')}", file=sys.stderr, flush=True)
 
     def notice(self, text: str) -> None:
@@ -195,7 +197,7 @@ class Attached:
         if isinstance(msg, m.InputCredit):
             self.link.credit.give(msg.bytes)
         elif isinstance(msg, m.Exited):
-            self.finish(_exit_code(msg), _exited_line(msg))
+            self.finish(_exit_code(msg), _exited_line(msg), agent_exit=msg.reason is None)
             return True
         elif isinstance(msg, m.Error):
             if msg.code is ErrorCode.SHUTDOWN:

@@ -15,6 +15,7 @@ import re
 from typing import Any, TypeVar, cast, get_args
 
 import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
 from cattrs.strategies import configure_tagged_union
 from cattrs.v import format_exception
@@ -41,6 +42,15 @@ def _strict(kind: type[Any], name: str) -> Any:
     return hook
 
 
+#: fields added within protocol version 2: left out at their default, so that a
+#: client and a server of different builds agree on all but what is new
+_ADDED_IN_VERSION: dict[type, tuple[str, ...]] = {
+    m.Create: ("pipe", "keep"),
+    m.Join: ("rows", "cols"),
+    m.Exited: ("reason",),
+}
+
+
 def _make() -> cattrs.Converter:
     conv = make_converter(forbid_extra_keys=True, detailed_validation=True)
     conv.register_structure_hook(int, _strict(int, "an integer"))
@@ -62,6 +72,9 @@ def _make() -> cattrs.Converter:
     # StrEnum before str: singledispatch picks the nearest class in the MRO
     conv.register_structure_hook(enum.StrEnum, _enum)
     conv.register_structure_hook(enum.Enum, _enum)
+    for cls, fields in _ADDED_IN_VERSION.items():
+        overrides: dict[str, Any] = {name: override(omit_if_default=True) for name in fields}
+        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **overrides))
     configure_tagged_union(m.ClientMessage, conv, tag_generator=tag_of, tag_name="type")
     configure_tagged_union(m.ServerMessage, conv, tag_generator=tag_of, tag_name="type")
     return conv

@@ -52,6 +52,13 @@ class Screen:
     def _reset(self) -> None:
         self._vt = avt.Vt(self.cols, self.rows, scrollback_limit=self.history)
         self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._gone = 0  # lines dropped off the top of the history, ever: lines()[0]'s number
+        #: (line number, cols) -> a history line drawn: history lines never change
+        self._drawn: dict[tuple[int, int], bytes] = {}
+
+    def _feed(self, text: str) -> None:
+        _changed, dropped = self._vt.feed_str(text)
+        self._gone += len(dropped)
 
     @property
     def behind(self) -> bool:
@@ -83,18 +90,21 @@ class Screen:
         if now is not None:
             size = self._budget.take_up_to(now, size)
         if size:
-            self._vt.feed_str(self._decode(bytes(self._backlog[:size])))
+            self._feed(self._decode(bytes(self._backlog[:size])))
             del self._backlog[:size]
 
     def resize(self, cols: int, rows: int) -> None:
         self.cols, self.rows = cols, rows
-        self._vt.resize(cols, rows)
+        self.catch_up()  # what was written for the old size, at the old size
+        _changed, dropped = self._vt.resize(cols, rows)
+        self._gone += len(dropped)
+        self._drawn.clear()  # lines are wrapped again
 
     def rebuild(self, tail: bytes) -> None:
         """A stale model starts again from ``tail``, the most recent raw output."""
         self._reset()
         self._backlog = bytearray()
-        self._vt.feed_str(self._decode(tail))
+        self._feed(self._decode(tail))
         self.stale = False
 
     def render(self, cols: int, rows: int) -> bytes:
@@ -108,13 +118,18 @@ class Screen:
             out += b"\x1b[?1049h\x1b[H\x1b[2J"
         else:  # scroll what the terminal showed into its history (notices stay readable)
             out += b"\x1b[%d;1H" % rows + b"\n" * rows + b"\x1b[H"
-        lines = view if alternate else self._vt.lines()[-(self.history + self.rows) :]
+        every = [] if alternate else self._vt.lines()
+        lines = view if alternate else every[-(self.history + self.rows) :]
         first_view = len(lines) - len(view)
+        first_number = self._gone + len(every) - len(lines)
         # a smaller terminal shows the rows of the view around the cursor (the lowest such):
         # print down to the window's last row; what is above scrolls into their history
         top = _window(cursor.row, self.rows, rows)
         shown = lines[: first_view + min(len(view), top + rows)]
-        out += b"\r\n".join(_line(line, cols) for line in shown)
+        out += b"\r\n".join(
+            self._history(lines[:first_view], first_number, cols)
+            + [_line(line, cols) for line in shown[first_view:]]
+        )
         row = first_view + cursor.row - max(0, len(shown) - rows)  # 0-based, on their screen
         if self.modes.region is not None:
             out += b"\x1b[%d;%dr" % self.modes.region
@@ -122,6 +137,18 @@ class Screen:
         out += b"\x1b[%d;%dH" % (max(0, min(row, rows - 1)) + 1, min(cursor.col, cols - 1) + 1)
         return bytes(out)
 
+    def _history(self, lines: list[avt.Line], first: int, cols: int) -> list[bytes]:
+        """History lines (``first`` is the number of the first) drawn, each once per width:
+        a join draws only what is new since the last one."""
+        drawn = []
+        for number, line in enumerate(lines, start=first):
+            text = self._drawn.get((number, cols))
+            if text is None:
+                text = self._drawn[(number, cols)] = _line(line, cols)
+            drawn.append(text)
+        for key in [k for k in self._drawn if k[0] < first]:
+            del self._drawn[key]
+        return drawn
 
     def render_view(self, cols: int, rows: int, alternate: bool) -> tuple[bytes, bool]:
         """The screen redrawn in place for a terminal of ``cols`` x ``rows`` that already
@@ -159,32 +186,33 @@ def _line(line: avt.Line, cols: int) -> bytes:
     """One line, cropped to ``cols``, with its attributes.
 
     Trailing blanks are left out only where they have no attributes (a
-    coloured bar of spaces is kept); the line ends in the default pen.
+    coloured bar of spaces is kept); a line with attributes ends in the default pen.
     """
-    parts: list[tuple[bool, bytes]] = []  # (default pen?, text with its SGR)
-    width = 0
-    for chunk in line.chunks(lambda a, b: a.pen != b.pen):
-        text = []
-        for cell in chunk:
-            if cell.width == 0:
-                continue  # the right half of a wide character
-            if width + cell.width > cols:
-                break
-            text.append(cell.char)
-            width += cell.width
-        if text:
-            pen = chunk[0].pen
-            parts.append((pen.is_default(), _sgr(pen) + "".join(text).encode("utf-8", "replace")))
-        if width >= cols:
+    cells = line.cells
+    end = len(cells)
+    while end and cells[end - 1].char == " " and cells[end - 1].pen.is_default():
+        end -= 1
+    out: list[str] = []
+    pen: avt.Pen | None = None
+    coloured, width = False, 0
+    for cell in cells[:end]:
+        wide = cell.width
+        if not wide:
+            continue  # the right half of a wide character
+        if width + wide > cols:
             break
-    while parts and parts[-1][0]:  # default blanks at the end say nothing
-        last = parts[-1][1].rstrip(b" ")
-        if last != b"\x1b[0m":
-            parts[-1] = (True, last)
-            break
-        parts.pop()
-    coloured = any(not default for default, _ in parts)
-    return b"".join(text for _, text in parts) + (b"\x1b[0m" if coloured else b"")
+        this = cell.pen
+        if pen is None or this != pen:
+            pen = this
+            default = this.is_default()
+            if not (default and not coloured):  # no SGR before the first attribute
+                out.append(_sgr(this))
+            coloured = coloured or not default
+        out.append(cell.char)
+        width += wide
+    if coloured:
+        out.append("\x1b[0m")
+    return "".join(out).encode("utf-8", "replace")
 
 
 def _colour(colour: avt.Color | None, base: int) -> list[str]:
@@ -201,9 +229,9 @@ def _colour(colour: avt.Color | None, base: int) -> list[str]:
     return [str(base + 8), "5", str(index)]
 
 
-def _sgr(pen: avt.Pen) -> bytes:
+def _sgr(pen: avt.Pen) -> str:
     if pen.is_default():
-        return b"\x1b[0m"
+        return "\x1b[0m"
     params = ["0"]
     for flag, code in (
         (pen.bold, "1"),
@@ -217,4 +245,4 @@ def _sgr(pen: avt.Pen) -> bytes:
         if flag:
             params.append(code)
     params += _colour(pen.foreground, 30) + _colour(pen.background, 40)
-    return b"\x1b[" + ";".join(params).encode() + b"m"
+    return "\x1b[" + ";".join(params) + "m"

@@ -9,6 +9,7 @@ everything. Runs as root: aaau needs its agent user, and clients here are root
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import shutil
@@ -317,6 +318,21 @@ class AaauServer:
         return self.process.pid
 
 
+@functools.cache
+def _knows(python: str, setting: str) -> bool:
+    """Does the aaau that ``python`` runs (this one, or a baseline build) have ``setting``?"""
+    probe = f"import attrs, aaau.config as c; print({setting!r} in attrs.fields_dict(c.Config))"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd="/")
+    return out.stdout.strip() == "True"
+
+
+def _limits_file(base: Path) -> str:
+    """Room for the scale scenario: 600 connections, all the benchmark's own (uid 0)."""
+    path = base / "limits.toml"
+    path.write_text("connections_per_user = 4096\nhellos_per_user = 1024\n")
+    return str(path)
+
+
 def prepare_accounts(base: Path, python: str = PY) -> None:
     subprocess.run(
         [
@@ -334,7 +350,7 @@ def prepare_accounts(base: Path, python: str = PY) -> None:
             str(HOMES / AGENT),
             "--sysconf-dir",
             str(base / "etc"),
-            *(NEW_INIT if python == PY else []),
+            *(NEW_INIT if _knows(python, "cgroup_base") else []),
         ],
         check=True,
         capture_output=True,
@@ -379,9 +395,10 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
                     "--cgroup-base",
                     base.name,  # each server its own: two never share one
                 ]
-                if python == PY
+                if _knows(python, "cgroup_base")
                 else []
             ),
+            *(["--config", _limits_file(base)] if _knows(python, "connections_per_user") else []),
             *extra,
         ],
         pass_fds=(w,),

@@ -172,3 +172,14 @@ def test_error_codes_and_status_words_decode_to_enums() -> None:
     )
     assert isinstance(result, m.AsysResult) and result.sw is m.StatusWord.DENIED
     assert result.sw.label == "access_denied"
+
+
+def test_fields_added_within_version_2_are_left_out_at_their_default() -> None:
+    """An older build of version 2 accepts a newer client's hello that uses nothing new."""
+    plain = json.loads(codec.encode(m.Create(2, rows=24, cols=80, term="xterm", argv=None))[5:])
+    assert "pipe" not in plain and "keep" not in plain
+    piped = json.loads(codec.encode(m.Create(2, rows=24, cols=80, term="x", argv=None, pipe=True))[5:])
+    assert piped["pipe"] is True
+    assert "reason" not in json.loads(codec.encode(m.Exited(code=0, signal=None))[5:])
+    sid = "abcdefghijklmnopqrstuv"
+    assert codec.decode_client(codec.encode(m.Join(2, sid))[5:]) == m.Join(2, sid)

@@ -16,7 +16,7 @@ MAX_CLASS_LINES = 250
 MAX_FUNCTION_LINES = 60
 
 #: modules that stay pure: no Trio, no sockets, no processes (sans-I/O, h11 style)
-PURE = {"errors", "messages", "protocol", "codec", "escape", "policy"}
+PURE = {"errors", "messages", "protocol", "codec", "escape", "policy", "vtscan", "modes"}
 _IO_MODULES = {"trio", "socket", "subprocess", "os", "fcntl", "termios", "pwd", "grp"}
 
 #: module -> package modules it must never import (who may know whom)
@@ -32,6 +32,13 @@ FORBIDDEN = {
     "listener": {"session", "sessions", "connection", "audit"},
     "client": {"server", "session", "sessions", "connection", "requests", "pty", "outbox"},
     "asys": {"session", "sessions", "connection", "requests", "server", "members"},
+    "vtscan": {"session", "members", "connection", "requests", "server", "pty", "output", "screen"},
+    "screen": {"session", "members", "connection", "requests", "server", "pty", "outbox"},
+    "output": {"session", "sessions", "connection", "requests", "server", "framing", "outbox"},
+    "views": {"session", "sessions", "connection", "requests", "server", "pty", "framing"},
+    "eof": {"session", "members", "connection", "requests", "server", "outbox", "pty"},
+    "attach": {"server", "session", "sessions", "connection", "requests", "pty", "members"},
+    "terminal": {"server", "session", "sessions", "connection", "requests", "pty", "members"},
 }
 
 

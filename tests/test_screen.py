@@ -206,3 +206,15 @@ def test_a_main_screen_rendering_scrolls_what_the_joiner_had_into_history() -> N
     joiner.feed_str(s.render(40, 10).decode())
     assert [line.text.rstrip() for line in joiner.view()][:2] == ["agent output", "$"]
     assert any("aaau: session X" in line.text for line in joiner.lines()[:-10])
+
+
+def test_history_lines_drawn_once_are_drawn_the_same_at_the_next_join() -> None:
+    data = b"".join(b"\x1b[3%dmline %d\x1b[0m of history\r\n" % (i % 8, i) for i in range(200))
+    s = fed(screen(history=50), data)
+    s.render(40, 10)
+    fed(s, b"more\r\n" * 30)  # 30 lines more: the oldest drawn ones drop off the top
+    s.resize(40, 10)  # the same size: lines wrapped the same
+    fed(s, b"\x1b[1mlast\x1b[0m\r\n")
+    fresh = fed(screen(history=50), data + b"more\r\n" * 30 + b"\x1b[1mlast\x1b[0m\r\n")
+    assert s.render(40, 10) == fresh.render(40, 10)
+    assert s.render(30, 10) == fresh.render(30, 10)  # another width: drawn for it

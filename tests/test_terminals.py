@@ -228,3 +228,21 @@ async def test_an_interactive_rejoin_after_queries_types_nothing(
     inputs = server.records("input", session_id=sid)
     assert [(r["user"], r["content"]) for r in inputs] == [(ALICE, "typed\r")]
     assert "^[" not in "\n".join(tmux.screen("a"))  # cat -v saw no answer from a terminal
+
+
+async def test_detach_right_after_a_tui_started_and_asked_the_terminal(
+    server: ServerProc, tmux: Tmux
+) -> None:
+    """The terminal's automatic answers are not typing: ~. works without Enter first."""
+    asks = "printf '\\033[c\\033[>c\\033[6n'; " + TUI
+    command = and_stay(client_command(ALICE, server.socket, "-p", shlex.join(["sh", "-c", asks])))
+    before = len(server.records("session_start", user=ALICE))
+    await _attached(tmux, "a", command, fresh=True)
+    sid = _sid(server, ALICE, before + 1)
+    # tmux answered: alice's terminal's answers reached the agent, as her input
+    answers = await wait_for(lambda: server.records("input", session_id=sid))
+    assert {r["user"] for r in answers} == {ALICE} and "\x1b[" in answers[0]["content"]
+    tmux.keys("a", "~.")
+    assert await tmux.until_exit("a") == 0
+    assert _restored(tmux.flags("a")) == RESTORED
+    assert "~" not in "".join(r["content"] for r in server.records("input", session_id=sid))
