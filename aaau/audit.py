@@ -6,6 +6,12 @@ a record is in the kernel before the input or command it records is applied.
 Terminal bytes are stored losslessly: as text when they are valid UTF-8,
 otherwise as base64 (``metadata.encoding`` says which). See docs/audit.md.
 
+Every record ends with ``hash``: SHA-256 over the previous record's hash and
+this record's bytes without it (:mod:`aaau.chain`), so an edited, removed or
+reordered record breaks the chain. A file begins with an ``audit_chain``
+record naming the last hash of the file before it (rotation, a replaced file),
+and a server that starts on a non-empty file continues its chain.
+
 :meth:`AuditLog.bind` returns a :class:`BoundAudit` that fills in who and
 where (user, uid, role, session, client) on every record it writes, in the
 manner of structlog's ``bind``: binding returns a new object, never changes one.
@@ -18,6 +24,7 @@ import collections
 import contextlib
 import json
 import os
+import socket
 import time
 from typing import Any, Final
 
@@ -25,7 +32,7 @@ import attrs
 import structlog
 import trio
 
-from . import paths
+from . import chain, paths
 
 log = structlog.get_logger("aaau.audit")
 
@@ -37,6 +44,7 @@ RETRY_INTERVAL: Final = 1.0
 class AuditRecord:
     timestamp: float
     seq: int
+    host: str
     source: str  # "system", "human" or "agent"
     user: str
     uid: int | None
@@ -94,6 +102,11 @@ class AuditLog:
         self.failure: str | None = None  # why the log cannot take records now
         self._failed_at = 0.0
         self._reopen_failed = False
+        self._host = socket.gethostname()
+        self.head = ""  # the hash of the last record written ("" before the first)
+        self._chained = False  # the open file's chain is known (False: begin one)
+        self._why_new = "start"
+        self._continues: str | None = None
         self.reopen(gid=gid)
 
     @classmethod
@@ -116,7 +129,7 @@ class AuditLog:
         directory, name = paths.directory_of(self.path)
         dir_fd = paths.open_dir(directory)
         try:
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: where its chain ends
             fd = paths.open_file(dir_fd, name, flags, 0o640, directory)
         finally:
             os.close(dir_fd)
@@ -127,10 +140,24 @@ class AuditLog:
         except BaseException:
             os.close(fd)
             raise
+        try:
+            tail = chain.last_hash(fd)
+        except chain.ChainError:  # ends in a cut line: ours begin on a line of their own
+            tail = None
+            with contextlib.suppress(OSError):
+                os.write(fd, b"\n")
+        except OSError:
+            tail = None
         self._gid = gid if gid is not None else self._gid
         old, self._fd = self._fd, fd
         if old >= 0:
             os.close(old)
+            self._why_new = "reopened"
+        if tail and (tail == self.head or not self.head):
+            self.head, self._chained = tail, True  # go on where the file ends
+        else:
+            self._chained = False  # empty, unchained or someone else's: say so first
+            self._continues = tail or None
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -138,11 +165,13 @@ class AuditLog:
             self._fd = -1
 
     def _record(self, command_type: str, **fields: Any) -> tuple[AuditRecord, bytes]:
+        """The record and its JSON without the hash (added when it is written)."""
         self._seq += 1
         role = fields.pop("role", None)
         record = AuditRecord(
             timestamp=time.time(),
             seq=self._seq,
+            host=self._host,
             source=fields.pop("source", "system"),
             user=fields.pop("user", "-"),
             uid=fields.pop("uid", None),
@@ -154,8 +183,8 @@ class AuditLog:
         )
         if fields:
             raise TypeError(f"unknown audit fields: {sorted(fields)}")
-        line = json.dumps(attrs.asdict(record), separators=(",", ":")).encode() + b"\n"
-        return record, line
+        body = json.dumps(attrs.asdict(record), separators=(",", ":")).encode()
+        return record, body
 
     def write(self, command_type: str, **fields: Any) -> AuditRecord:
         """Record, or raise :class:`AuditUnavailable` (and the caller does nothing)."""
@@ -187,7 +216,12 @@ class AuditLog:
         metadata["bytes"] = len(data)
         return self.write(command_type, content=content, metadata=metadata, **fields)
 
-    def _emit(self, line: bytes) -> None:
+    def _emit(self, body: bytes) -> None:
+        """Write one record (its JSON without the hash), chained to the last one."""
+        if not self._chained:
+            self._begin_chain()
+        digest = chain.link(self.head, body)
+        line = chain.sealed(body, digest)
         view, written = memoryview(line), 0
         try:
             while written < len(line):
@@ -198,6 +232,41 @@ class AuditLog:
                     os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
             self._fail(f"{exc.strerror or exc} ({self.path})")
             raise AuditUnavailable(self.failure) from None
+        self.head = digest
+
+    def _begin_chain(self) -> None:
+        """First in a file: ``audit_chain``, naming the hash the previous file ended with.
+
+        ``metadata.previous``: the last hash this server wrote (to the file before a
+        rotation), or null at a start; ``metadata.continues``: the last hash of a
+        non-empty file whose chain this one does not continue (replaced, or written
+        by someone else), which the new chain then covers too.
+        """
+        metadata = {"previous": self.head or None, "reason": self._why_new}
+        if self._continues:
+            metadata["continues"] = self._continues
+        record = AuditRecord(
+            timestamp=time.time(),
+            seq=0,  # outside the run's numbering, which stays without gaps
+            host=self._host,
+            source="system",
+            user="-",
+            uid=None,
+            role=None,
+            session_id=None,
+            command_type="audit_chain",
+            content="a hash chain begins",
+            metadata=metadata,
+        )
+        body = json.dumps(attrs.asdict(record), separators=(",", ":")).encode()
+        self._chained = True  # for this one write; taken back if it fails
+        head = self.head
+        self.head = self._continues or ""
+        try:
+            self._emit(body)
+        except AuditUnavailable:
+            self._chained, self.head = False, head
+            raise
 
     def _fail(self, why: str) -> None:
         if self.failure is None:

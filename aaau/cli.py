@@ -264,7 +264,8 @@ def _client_parser() -> argparse.ArgumentParser:
         prog="aaau",
         description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
         epilog="commands: aaau [claude|codex], aaau ls [--json], aaau status ID, aaau kill ID, "
-        "aaau asys [-n ID] INSTRUCTION [key=value ...]",
+        "aaau asys [-n ID] INSTRUCTION [key=value ...], aaau log {ls,show,replay,grep,export,"
+        "verify} (admins; aaau log --help)",
     )
     parser.add_argument(
         "-s", "--socket", default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock")
@@ -312,7 +313,12 @@ def _session_after_dashes(argv: list[str]) -> list[str]:
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    argv = _session_after_dashes(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["log"]:  # reads files, not the socket: a command line of its own
+        from . import logcli
+
+        return logcli.main(argv[1:])
+    argv = _session_after_dashes(argv)
     args = _client_parser().parse_intermixed_args(argv)
     try:
         return _dispatch(args, args.words)

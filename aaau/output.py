@@ -80,6 +80,7 @@ class SessionOutput:
     def end_metadata(self) -> dict[str, object]:
         """What ``session_end`` says of the output: what was not recorded, what was removed."""
         return {
+            "output_recorded": self.recording.recorded,
             "output_not_recorded": self.recording.not_recorded,
             "filtered": {str(k): v for k, v in self.filtered.items()},
         }

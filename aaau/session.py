@@ -318,6 +318,7 @@ def _start_metadata(agent: Agent, shared: bool, rows: int, cols: int) -> dict[st
         "cwd": plan.cwd,
         "agent_user": plan.user,
         "env_names": sorted(plan.env),
+        "term": plan.env.get("TERM"),
         "shared": shared,
         "rows": rows,
         "cols": cols,

@@ -49,7 +49,7 @@ _MAX_CSI: Final = 64
 #: the longest OSC or DCS string held back; a removable one longer is dropped
 _MAX_STRING: Final = 1 << 20
 
-_INTRO = re.compile(rb"\x1b|\xc2[\x90\x9b\x9d]")
+_C1: Final = frozenset({0x90, 0x9B, 0x9D})  # DCS, CSI, OSC after \xc2 (as UTF-8)
 _CSI = re.compile(rb"([\x30-\x3f]*)([\x20-\x2f]*)([\x40-\x7e])")
 _STRING_END = re.compile(rb"\x07|\x1b\\|\xc2\x9c")
 _REPORT_T = frozenset({b"11", b"13", b"14", b"15", b"16", b"18", b"19", b"20", b"21"})
@@ -91,6 +91,22 @@ def _osc_effect(body: bytes) -> Effect | None:
     return None
 
 
+def _next_intro(data: bytes, start: int) -> int:
+    """Where the next sequence begins (ESC, or a C1 introducer in UTF-8), or -1.
+
+    Found with ``bytes.find`` (memchr), not a regex: text with no sequence, the
+    bulk of any output, costs almost nothing to scan.
+    """
+    esc = data.find(b"\x1b", start)
+    stop = esc if esc >= 0 else len(data)
+    c2 = data.find(b"\xc2", start, stop)
+    while c2 >= 0:
+        if c2 + 1 < len(data) and data[c2 + 1] in _C1:
+            return c2
+        c2 = data.find(b"\xc2", c2 + 1, stop)
+    return esc
+
+
 class Scanner:
     """Splits output into segments; holds back what may still be a removable sequence."""
 
@@ -109,11 +125,11 @@ class Scanner:
             data, self._held = data[:-1], b"\xc2"
         if not data:
             return []
-        match = _INTRO.search(data)
-        if match is None:
+        pos = _next_intro(data, 0)
+        if pos < 0:
             return [(data, None)]
         out: list[Segment] = []
-        pos, text_from = match.start(), 0
+        text_from = 0
         while True:
             end, effect = self._sequence(data, pos)
             if end < 0:  # incomplete: hold it back
@@ -126,12 +142,11 @@ class Scanner:
                     out.append((data[text_from:pos], None))
                 out.append((data[pos:end], effect))
                 text_from = end
-            match = _INTRO.search(data, end)
-            if match is None:
+            pos = _next_intro(data, end)
+            if pos < 0:
                 if text_from < len(data):
                     out.append((data[text_from:], None))
                 return out
-            pos = match.start()
 
     def flush(self) -> list[Segment]:
         """Output paused: release a held CSI or escape; an OSC or DCS keeps waiting."""

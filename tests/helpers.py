@@ -239,13 +239,19 @@ class Peer:
         await self.stream.aclose()
 
 
+def read_audit(path: Path) -> list[dict[str, Any]]:
+    """The records of an audit file, less the hash chain's own (``audit_chain``)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["command_type"] != "audit_chain"]
+
+
 class AuditView:
     """Reading a server's audit log; the class says where it is (``audit_path``)."""
 
     audit_path: Path
 
     def audit(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+        return read_audit(self.audit_path)
 
     def records(self, command_type: str, **match: Any) -> list[dict[str, Any]]:
         return [

@@ -153,6 +153,8 @@ async def test_the_exit_status_reaches_everyone_and_the_session_is_gone(ip: InPr
         await peer.until_closed()
     assert b"bye" in alice.output
     (end,) = ip.records("session_end", session_id=welcome.session_id)
+    outputs = ip.records("output", session_id=welcome.session_id)
+    assert end["metadata"].pop("output_recorded") == sum(r["metadata"]["bytes"] for r in outputs)
     assert end["metadata"] == {
         "exit_code": 3,
         "signal": None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import termios
 import tty
@@ -15,6 +14,7 @@ import trio.testing
 
 from aaau.audit import AuditLog
 from aaau.pty import PtyInput, PtyMaster, PtyReader, Scrollback
+from tests.helpers import read_audit
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ async def pty_pair() -> AsyncIterator[tuple[PtyMaster, int]]:
 
 
 def _records(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_audit(path)
 
 
 def test_scrollback_keeps_everything_under_its_limit() -> None:

@@ -6,7 +6,6 @@ RLIMIT_FSIZE, a deleted file. No root needed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -27,10 +26,11 @@ from aaau.inflow import Inflow
 from aaau.limits import Overflow, TokenBucket
 from aaau.occupancy import Occupancy
 from aaau.sessions import new_session_id
+from tests.helpers import read_audit
 
 
 def _lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_audit(path)
 
 
 # --- budgets ------------------------------------------------------------------------------

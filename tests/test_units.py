@@ -1,7 +1,6 @@
 """Spawn plans, the audit writer and init's rendering: pure or local, no server."""
 
 import base64
-import json
 import os
 import stat
 from pathlib import Path
@@ -15,6 +14,7 @@ from aaau.config import Config, ConfigError, IdentityMode, load
 from aaau.identities import Account
 from aaau.messages import Role
 from aaau.spawn import SpawnError, plan
+from tests.helpers import read_audit
 
 AGENT = Account("agent-03", 990, 990, "/var/lib/aaau/agent-03", "/bin/bash")
 
@@ -115,11 +115,11 @@ def test_audit_records_are_whole_json_lines_with_private_mode(tmp_path: Path) ->
     )
     log.write_bytes("output", b"\xff\x00ok", source="agent", session_id="s")
     log.close()
-    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    first, second = (json.loads(line) for line in lines)
+    first, second = read_audit(tmp_path / "audit.jsonl")
     assert set(first) == {
         "timestamp",
         "seq",
+        "host",
         "source",
         "user",
         "uid",
@@ -128,6 +128,7 @@ def test_audit_records_are_whole_json_lines_with_private_mode(tmp_path: Path) ->
         "command_type",
         "content",
         "metadata",
+        "hash",
     }
     assert first["role"] == "admin" and first["seq"] == 1 and second["seq"] == 2
     assert isinstance(first["timestamp"], float)
@@ -203,7 +204,7 @@ def test_bound_audit_fills_in_who_and_never_changes_in_place(tmp_path: Path) -> 
     client.write("input", content="x", metadata={"extra": 1})
     session.write("session_end", content="done")
     client.bind(role=Role.READONLY).write("role_changed", source="system")
-    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    records = read_audit(tmp_path / "audit.jsonl")
     first, second, third = records
     assert (first["user"], first["uid"], first["role"], first["session_id"]) == (
         "alice",

@@ -1,0 +1,210 @@
+"""``aaau log`` on recordings made by real sessions (in-process server, real PTYs).
+
+The sessions: alice runs a shell and types, keystroke by keystroke as a
+terminal sends them, a line with a typo she erases; bob's agent prints a
+secret cut across two writes and in colour; ada joins bob's session. Then
+every subcommand reads what the server wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from aaau import casts, logcli, logview
+from aaau import messages as m
+from aaau.logfiles import Entry
+
+from .helpers import wait_for
+from .inprocess import InProcess, open_in_process
+
+
+async def _record_sessions(ip: InProcess) -> dict[str, str]:
+    alice, welcome = await ip.create("alice", ("sh",))
+    for key in b"echo hello-wrold\x7f\x7f\x7f\x7forld\r":  # one record a key, a typo erased
+        await alice.type(bytes([key]))
+    await alice.expect_output(b"hello-world\r\n")
+    await alice.send(m.Resize(30, 100))
+    for key in b"exit 3\r":
+        await alice.type(bytes([key]))
+    await alice.expect(m.Exited)
+
+    script = "read go; printf 'top-s3'; sleep 0.2; printf '\\033[31mcret-word\\033[0m\\n'; exec cat"
+    bob, welcome_b = await ip.create("bob", ("sh", "-c", script))
+    ada, _ = await ip.join("ada", welcome_b.session_id)
+    await bob.type(b"go\n")
+    await ada.expect_output(b"cret-word")
+    await bob.send(m.ForceKill())
+    await bob.expect(m.Exited)
+    await wait_for(lambda: len(ip.records("session_end")) == 2)
+    return {"alice": welcome.session_id, "bob": welcome_b.session_id}
+
+
+@pytest.fixture
+async def recorded(tmp_path: Path, nursery: trio.Nursery) -> tuple[Path, dict[str, str]]:
+    ip = open_in_process(tmp_path, nursery)
+    with trio.fail_after(30):
+        ids = await _record_sessions(ip)
+    return tmp_path, ids
+
+
+def _run(capsys: pytest.CaptureFixture[str], log_dir: Path, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # the server's own log lines, not ours
+    code = logcli.main(["--log-dir", str(log_dir), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_ls_lists_sessions_with_creator_end_and_who_joined(
+    recorded: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_dir, ids = recorded
+    code, out, _ = _run(capsys, log_dir, "ls", "--json")
+    assert code == 0
+    sessions = {s["session_id"]: s for s in json.loads(out)}
+    a, b = sessions[ids["alice"]], sessions[ids["bob"]]
+    assert (a["creator"], a["argv"], a["exit_code"], a["state"]) == ("alice", ["sh"], 3, "ended")
+    assert a["term"] == "xterm" and a["rows"] == 24 and a["cols"] == 80
+    assert b["joined"] == ["ada"] and b["signal"] is not None and b["output_bytes"] > 10
+    code, out, _ = _run(capsys, log_dir, "ls", "--user", "ada")
+    assert code == 0 and ids["bob"] in out and ids["alice"] not in out
+    code, out, _ = _run(capsys, log_dir, "ls", "--until", "@1000")
+    assert out.strip().splitlines() == [out.strip().splitlines()[0]]  # the header alone
+
+
+async def test_show_puts_keystrokes_back_into_lines_and_tells_the_story(
+    recorded: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_dir, ids = recorded
+    code, out, _ = _run(capsys, log_dir, "show", ids["alice"])
+    assert code == 0
+    assert "alice   typed: echo hello-world\n" in out  # the typo erased, as the shell did
+    assert "resized to 30x100" in out and "ended: exit code 3" in out
+    assert "wrote" in out and "of output" in out
+    code, out, _ = _run(capsys, log_dir, "show", ids["bob"])
+    assert "ada     joined as admin" in out and "(force-killed)" in out
+    code, _, err = _run(capsys, log_dir, "show", "no-such-session")
+    assert code == 255 and "no session 'no-such-session'" in err
+
+
+async def test_grep_finds_typed_lines_and_output_cut_across_records(
+    recorded: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_dir, ids = recorded
+    code, out, _ = _run(capsys, log_dir, "grep", "hello-world", "--input")
+    assert code == 0
+    (hit,) = out.splitlines()
+    assert hit.startswith(ids["alice"]) and "alice  typed: echo hello-world" in hit
+    # "top-s3" and "cret-word" came in two writes, the second in colour
+    code, out, _ = _run(capsys, log_dir, "grep", "s3cret-w", "--output")
+    assert code == 0 and out.count("top-s3cret-word") == 1 and ids["bob"] in out
+    code, out, _ = _run(capsys, log_dir, "grep", "s3cret", "--output", "--user", "alice")
+    assert code == 1 and out == ""
+    code, _, err = _run(capsys, log_dir, "grep", "(")
+    assert code == 255 and "invalid pattern" in err
+
+
+async def test_exports_hold_the_output_input_sizes_and_exit(
+    recorded: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_dir, ids = recorded
+    code, out, _ = _run(capsys, log_dir, "export", ids["alice"], "--format", "asciicast-v2")
+    header, *events = [json.loads(line) for line in out.splitlines()]
+    assert header["version"] == 2 and (header["width"], header["height"]) == (80, 24)
+    assert header["env"] == {"TERM": "xterm"} and header["command"] == "sh"
+    assert {e[1] for e in events} == {"o", "i", "r"} and ["r", "100x30"] in [e[1:] for e in events]
+    assert "hello-world" in "".join(e[2] for e in events if e[1] == "o")
+    times = [e[0] for e in events]
+    assert times == sorted(times) and times[0] >= 0
+
+    code, out, _ = _run(capsys, log_dir, "export", ids["alice"], "--format", "asciicast-v3")
+    header, *events = [json.loads(line) for line in out.splitlines()]
+    assert header["version"] == 3 and header["term"] == {"cols": 80, "rows": 24, "type": "xterm"}
+    assert events[-1][1:] == ["x", "3"] and all(e[0] >= 0 for e in events)
+
+    target = log_dir / "bob.tlog"
+    code, _, _ = _run(capsys, log_dir, "export", ids["bob"], "--format", "tlog", "-o", str(target))
+    messages = [json.loads(line) for line in target.read_text().splitlines()]
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert messages[0]["timing"].startswith("=80x24") and messages[0]["id"] == 1
+    assert "cret-word" in "".join(msg["out_txt"] for msg in messages)
+    code, _, err = _run(capsys, log_dir, "export", ids["bob"], "--format", "tlog", "-o", str(target))
+    assert code == 255 and "exists" in err
+
+
+async def test_verify_passes_then_fails_at_the_edited_line(
+    recorded: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    log_dir, _ = recorded
+    code, out, _ = _run(capsys, log_dir, "verify")
+    assert code == 0 and out.rstrip().endswith("the chain holds")
+    path = log_dir / "audit.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    victim = next(i for i, line in enumerate(lines) if b'"command_type":"input"' in line)
+    lines[victim] = lines[victim].replace(b'"user":"alice"', b'"user":"bob"')
+    path.write_bytes(b"".join(lines))
+    code, out, _ = _run(capsys, log_dir, "verify")
+    assert code == 1 and f"audit.jsonl:{victim + 1}: the hash does not match" in out
+    assert out.rstrip().endswith("the chain is broken")
+
+
+# --- the pure parts ----------------------------------------------------------------------
+
+
+def _input(data: bytes, t: float = 1.0, client: int = 1, user: str = "alice") -> Entry:
+    return Entry(
+        "f", 1, t, user, 1, "Interactive", "s", "input", data.decode("latin-1"),
+        {"encoding": "utf-8", "bytes": len(data), "client_id": client},
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "lines"),
+    [
+        (b"ls -la\r", [("ls -la", "enter")]),
+        (b"rm -rf /tmp/x\x15ls\r", [("ls", "enter")]),  # ^U kills the line
+        (b"git push origin\x17main\r", [("git push main", "enter")]),  # ^W a word
+        (b"sleep 100\x03", [("sleep 100^C", "^C")]),
+        (b"\x1b[A\r", [("<up>", "enter")]),
+        (b"\x1b[200~pasted\x1b[201~\r", [("pasted", "enter")]),
+        (b"\r\r", []),
+    ],
+)
+def test_typing_applies_line_editing(keys: bytes, lines: list[tuple[str, str]]) -> None:
+    typing = logview.Typing()
+    got = []
+    for key in re.findall(rb"\x1b\[[0-9]*[~A-Z]|.", keys, re.DOTALL):  # as a terminal sends keys
+        got += typing.feed(_input(key))
+    assert [(line.text, line.ended_by) for line in got] == lines
+
+
+def test_typing_keeps_people_apart_and_reports_unfinished_lines() -> None:
+    typing = logview.Typing()
+    assert typing.feed(_input(b"who", client=1)) == []
+    assert typing.feed(_input(b"ami", client=2, user="bob")) == []
+    (line,) = typing.feed(_input(b"\r", client=1))
+    assert (line.user, line.text) == ("alice", "who")
+    assert [(r.user, r.text, r.ended_by) for r in typing.rest()] == [("bob", "ami", "end")]
+
+
+def test_tlog_keeps_bytes_that_are_not_utf8_and_characters_cut_in_two() -> None:
+    summary = logview.Summary("s", started=10.0, rows=24, cols=80, creator="alice")
+
+    def out(data: bytes, t: float) -> Entry:
+        return Entry("f", 1, t, "-", None, None, "s", "output", "", {"encoding": "base64"}) if False else Entry(
+            "f", 1, t, "-", None, None, "s", "output",
+            __import__("base64").b64encode(data).decode(), {"encoding": "base64"},
+        )
+
+    msgs: list[dict[str, Any]] = [
+        json.loads(line)
+        for line in casts.tlog(summary, [out(b"a\xe2\x82", 10.5), out(b"\xac\xff!", 11.0)])
+    ]
+    (msg,) = msgs
+    assert msg["out_txt"] == "a\u20ac\ufffd!" and msg["out_bin"] == [0xFF]
+    assert msg["timing"] == "=80x24>1+500>1]1/1>1" and msg["pos"] == 500
