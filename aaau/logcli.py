@@ -92,9 +92,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
-        config = _config(args.config)
-        _may_read(config)
-        log_dir = args.log_dir or config.log_dir
+        log_dir = args.log_dir or _config(args.config).log_dir
+        _may_read(log_dir)
         return int(_COMMANDS[args.command](args, log_dir))
     except (_Refused, logfiles.LogError) as exc:
         print(f"aaau log: {exc}", file=sys.stderr)
@@ -116,30 +115,27 @@ def _config(path: str | None) -> Config:
         raise _Refused(str(exc)) from None
 
 
-def _may_read(config: Config) -> None:
-    """Root, or a member of the admin group in this login; anyone else is told why not."""
-    if os.geteuid() == 0:
-        return
-    try:
-        admins = grp.getgrnam(config.admin_group)
-    except KeyError:
-        raise _Refused(
-            f"the audit log is for root and the admin group {config.admin_group!r}, "
-            "which does not exist here"
-        ) from None
-    if admins.gr_gid in os.getgroups() or admins.gr_gid == os.getegid():
+def _may_read(log_dir: str) -> None:
+    """Root, or who may enter the log directory (the server makes it ``root:ADMINS 0750``);
+    anyone else is told which group it takes, and whether a new login would do."""
+    if os.geteuid() == 0 or not os.path.isdir(log_dir) or os.access(log_dir, os.R_OK | os.X_OK):
         return
     import pwd
 
+    gid = os.stat(log_dir).st_gid
+    try:
+        group = grp.getgrgid(gid)
+        name, members = group.gr_name, group.gr_mem
+    except KeyError:
+        name, members = str(gid), []
     me = pwd.getpwuid(os.geteuid()).pw_name
-    if me in admins.gr_mem:
+    if me in members:
         raise _Refused(
-            f"you were added to {config.admin_group!r}, but this login started before: "
-            "log in again (or run `newgrp " + config.admin_group + "`)"
+            f"you were added to the group {name!r}, but this login began before: log in "
+            f"again (or run `newgrp {name}`) to read {log_dir}"
         )
     raise _Refused(
-        f"the audit log is for root and the admin group {config.admin_group!r}; "
-        f"{me} is not in it"
+        f"the audit log ({log_dir}) is for root and the admin group {name!r}; {me} is not in it"
     )
 
 

@@ -14,7 +14,6 @@ playing: space pauses and resumes, ``+``/``-`` double and halve the speed,
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from typing import Final
@@ -88,7 +87,7 @@ def skip_to(
 ) -> tuple[Screen, Frame | None]:
     """Feed the frames before ``start`` to a screen model; the first frame after it."""
     cols, rows = size
-    screen = Screen(cols, rows, history=history, rate=math.inf, burst=math.inf, backlog=1 << 62)
+    screen = Screen(cols, rows, history=history, rate=1e18, burst=1e18, backlog=1 << 62)
     scanner = Scanner()
     for frame in frames:
         if frame.timestamp >= start:
