@@ -9,6 +9,7 @@ must end on the text the live pane showed. Only admins may read the log.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -75,10 +76,8 @@ async def _live_session(server: ServerProc, tmux: Tmux) -> tuple[str, list[str]]
 
 async def _plays_to(tmux: Tmux, name: str, command: str, screen: list[str]) -> None:
     tmux.start(name, shlex.join(["sh", "-c", f"{command}; exec sleep 600"]))
-    try:
+    with contextlib.suppress(trio.TooSlowError):  # said below, with both screens
         await wait_for(lambda: _text(tmux.screen(name)) == screen, 30)
-    except trio.TooSlowError:
-        pass  # said below, with both screens
     got = _text(tmux.screen(name))
     assert got == screen, "\n".join([f"{name}: expected:", *screen, "got:", *got])
 
