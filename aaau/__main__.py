@@ -2,8 +2,8 @@
 
 import sys
 
-from .cli import client_main, server_main
+from .entry import client, server
 
 if len(sys.argv) > 1 and sys.argv[1] == "server":
-    sys.exit(server_main(sys.argv[2:]))
-sys.exit(client_main(sys.argv[1:]))
+    sys.exit(server(sys.argv[2:]))
+sys.exit(client(sys.argv[1:]))

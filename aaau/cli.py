@@ -313,12 +313,7 @@ def _session_after_dashes(argv: list[str]) -> list[str]:
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["log"]:  # reads files, not the socket: a command line of its own
-        from . import logcli
-
-        return logcli.main(argv[1:])
-    argv = _session_after_dashes(argv)
+    argv = _session_after_dashes(sys.argv[1:] if argv is None else argv)
     args = _client_parser().parse_intermixed_args(argv)
     try:
         return _dispatch(args, args.words)

@@ -10,7 +10,6 @@ import json
 import shlex
 import sys
 import time
-import unicodedata
 from typing import Any
 
 import trio
@@ -21,6 +20,7 @@ from .errors import ProtocolError
 from .framing import FramedStream
 from .protocol import Kind, data_frame
 from .terminal import TerminalError
+from .text import printable
 
 EXIT_ERROR = 255
 
@@ -139,16 +139,6 @@ async def asys_call(
     return 0 if reply.sw == "9000" else 1
 
 
-def printable(text: str) -> str:
-    """``text`` safe to print on a terminal: control and format characters escaped.
-
-    Another member chooses argv (and, through it, what ``aaau ls`` shows): raw, it
-    could set an admin's window title, hide a line, or move the cursor.
-    """
-    return "".join(
-        ch if unicodedata.category(ch)[0] != "C" else ch.encode("unicode_escape").decode()
-        for ch in text
-    )
 
 
 def _since(created_at: float, now: float) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import grp
+import itertools
 import json
 import os
 import re
@@ -22,9 +23,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, Final
 
-from . import casts, chain, logfiles, logview, replay
-from .client import printable
-from .config import Config, ConfigError, load
+from . import casts, chain, logfiles, logview
+from .text import printable
 
 DEFAULT_CONFIG: Final = "/etc/aaau/aaau.toml"
 EXIT_ERROR: Final = 255
@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
-        log_dir = args.log_dir or _config(args.config).log_dir
+        log_dir = args.log_dir or _log_dir_of(args.config)
         _may_read(log_dir)
         return int(_COMMANDS[args.command](args, log_dir))
     except (_Refused, logfiles.LogError) as exc:
@@ -106,11 +106,15 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-def _config(path: str | None) -> Config:
+def _log_dir_of(path: str | None) -> str:
+    """The server's log directory, from its config file (imported only when needed:
+    the converter is slow to load, and a replay should start at once)."""
+    from .config import Config, ConfigError, load
+
     if path is None and not os.path.exists(DEFAULT_CONFIG):
-        return Config()
+        return Config().log_dir
     try:
-        return load(path or DEFAULT_CONFIG)
+        return load(path or DEFAULT_CONFIG).log_dir
     except ConfigError as exc:
         raise _Refused(str(exc)) from None
 
@@ -420,28 +424,33 @@ def _entry_json(e: logfiles.Entry) -> dict[str, Any]:
 
 
 def _replay(args: argparse.Namespace, log_dir: str) -> int:
-    import trio
+    from . import replay
 
     files = _files(log_dir)
-    summary = _session(files, args.session)
-    started = summary.started or 0.0
+    records = _of_session(files, args.session, frozenset({"session_start", "output", "resize"}))
+    first = next(records, None)  # its start: no need to read on to its end before playing
+    if first is None:
+        raise _Refused(f"no session {args.session!r} in the log ({log_dir})")
+    summary = logview.Sessions()
+    summary.feed(first)
+    found = summary.get(args.session)
+    assert found is not None
+    started = found.started or first.timestamp
     start = _offset(args.start, started) if args.start else None
 
-    def frames() -> Iterator[replay.Frame]:
-        for e in _of_session(files, args.session, frozenset({"output", "resize"})):
+    def frames() -> Iterator[Any]:
+        for e in itertools.chain([first], records):
             if e.command_type == "output":
                 yield replay.Frame(e.timestamp, data=e.data)
             elif (size := casts.size_of(e)) is not None:
                 yield replay.Frame(e.timestamp, size=size)
 
-    return trio.run(
-        lambda: replay.play(
-            frames(),
-            size=(summary.cols or 80, summary.rows or 24),
-            speed=args.speed,
-            start=start,
-            idle_limit=args.idle_limit,
-        )
+    return replay.play(
+        frames(),
+        size=(found.cols or 80, found.rows or 24),
+        speed=args.speed,
+        start=start,
+        idle_limit=args.idle_limit,
     )
 
 
@@ -460,7 +469,9 @@ def _grep(args: argparse.Namespace, log_dir: str) -> int:
     inputs, outputs = not args.output, not args.input
     creators: dict[str, str] = {}
     typing = logview.Typing()
-    text_out = logview.OutputText(bpattern)
+    plain = args.fixed_strings or not re.search(r"[.^$*+?{}\[\]\\|()]", args.pattern)
+    literal = args.pattern.encode() if plain and not args.ignore_case else None
+    text_out = logview.OutputText(bpattern, literal)
     found = 0
 
     def want(sid: str | None, kind: str) -> bool:

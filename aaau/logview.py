@@ -19,7 +19,7 @@ it printable first (:func:`aaau.client.printable`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import attrs
@@ -259,13 +259,37 @@ def _take_text(data: bytes, i: int, chars: list[str]) -> int:
 
 # --- output as text -----------------------------------------------------------------------
 
+#: escape sequences (every one begins with ESC, so the regex engine skips to them)
 _SEQUENCE: Final = re.compile(
-    rb"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL / ST
-    rb"|\x1b[P^_X][^\x1b]*\x1b\\"  # DCS, PM, APC, SOS ... ST
-    rb"|\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
-    rb"|\x1b[ -/]*[0-~]"  # the rest
-    rb"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"  # controls that are not line ends
+    rb"\x1b(?:"
+    rb"\][^\x07\x1b]*(?:\x07|\x1b\\)"  # OSC ... BEL / ST
+    rb"|[P^_X][^\x1b]*\x1b\\"  # DCS, PM, APC, SOS ... ST
+    rb"|\[[0-?]*[ -/]*[@-~]"  # CSI
+    rb"|[ -/]*[0-~])?"  # the rest; a lone ESC
 )
+#: control characters that are not line ends, removed after the sequences
+_CONTROLS: Final = bytes(b for b in range(32) if b not in (10, 13)) + b"\x7f"
+
+
+def strip(data: bytes) -> bytes:
+    """Terminal output as text: escape sequences and control characters (but line ends)
+    removed."""
+    return _SEQUENCE.sub(b"", data).translate(None, _CONTROLS)
+
+
+def _could_hold(literal: bytes) -> Callable[[bytes], bool]:
+    """A quick test that raw output may hold ``literal`` once stripped: the literal
+    itself, or a beginning of it right before a sequence or control character (which
+    stripping could join to its rest). False means certainly not: no strip needed."""
+    heads = [re.escape(literal[:k]) for k in range(len(literal) - 1, 0, -1)]
+    if not heads:
+        return lambda raw: literal in raw
+    cut = re.compile(b"(?:" + b"|".join(heads) + b")[" + re.escape(_CONTROLS) + b"]")
+
+    def test(raw: bytes) -> bool:
+        return literal in raw or cut.search(raw) is not None
+
+    return test
 _LINE_END: Final = re.compile(rb"\r\n|\n|\r")
 #: an unfinished line is kept for the next chunk up to this many bytes
 _CARRY: Final = 4096
@@ -281,9 +305,11 @@ class OutputMatch:
 class OutputText:
     """Per session, output as lines of text: finds a pattern across chunk boundaries."""
 
-    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+    def __init__(self, pattern: re.Pattern[bytes], literal: bytes | None = None) -> None:
+        """``literal``: the pattern is this plain text (a fast test skips most chunks)."""
         self._pattern = pattern
         self._carry: dict[str, tuple[bytes, float]] = {}  # an unfinished line, and its time
+        self._maybe = _could_hold(literal) if literal else None
 
     def feed(self, session_id: str, data: bytes, timestamp: float) -> list[OutputMatch]:
         """Matches in the lines this chunk finishes (a line is dated by its last chunk)."""
@@ -305,7 +331,9 @@ class OutputText:
         return out
 
     def _matches(self, session_id: str, raw: bytes, timestamp: float) -> Iterator[OutputMatch]:
-        text = _SEQUENCE.sub(b"", raw)
+        if self._maybe is not None and not self._maybe(raw):
+            return
+        text = strip(raw)
         if self._pattern.search(text) is None:
             return
         for line in _LINE_END.split(text):

@@ -9,22 +9,29 @@ or links). The modes it set are undone at the end, as when leaving a session.
 (:class:`aaau.screen.Screen`) in one go rather than played. Keys while
 playing: space pauses and resumes, ``+``/``-`` double and halve the speed,
 ``q`` (or Ctrl-C) stops.
+
+Plain blocking I/O with ``select`` (no Trio): one output, one input, and a
+replay should start at once (Trio takes a tenth of a second to import).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
+import termios
+import time
+import tty
 from collections.abc import Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
-import trio
 
 from .modes import Modes
-from .screen import Screen
-from .terminal import Terminal, TerminalError
 from .vtscan import Effect, Scanner
+
+if TYPE_CHECKING:
+    from .screen import Screen
 
 #: what a replay lets through: text and mode changes
 _KEPT: Final = (None, Effect.MODE)
@@ -86,6 +93,8 @@ def skip_to(
     frames: Iterator[Frame], start: float, size: tuple[int, int], history: int = 200
 ) -> tuple[Screen, Frame | None]:
     """Feed the frames before ``start`` to a screen model; the first frame after it."""
+    from .screen import Screen  # avt: loaded only when it is needed
+
     cols, rows = size
     screen = Screen(cols, rows, history=history, rate=1e18, burst=1e18, backlog=1 << 62)
     scanner = Scanner()
@@ -99,7 +108,7 @@ def skip_to(
     return screen, None
 
 
-async def play(
+def play(
     frames: Iterator[Frame],
     *,
     size: tuple[int, int],
@@ -109,51 +118,43 @@ async def play(
 ) -> int:
     """Play to standard output; keys from standard input when it is a terminal."""
     pace = Pace(speed=speed, idle_limit=idle_limit)
-    out = trio.lowlevel.FdStream(os.dup(1))
     flt = Filter()
-    terminal: Terminal | None = None
-    if os.isatty(0):
-        with contextlib.suppress(TerminalError):
-            terminal = Terminal(0)
-    stop = trio.Event()
-    try:
-        with terminal.raw() if terminal is not None else contextlib.nullcontext():
-            async with trio.open_nursery() as nursery:
-                if terminal is not None:
-                    nursery.start_soon(_keys, terminal, pace, stop, nursery.cancel_scope)
-                first: Frame | None = None
-                if start is not None:
-                    screen, first = skip_to(frames, start, size)
-                    cols, rows = terminal.size() if terminal is not None else size
-                    await out.send_all(flt(screen.render(cols, rows)))
-                await _frames(frames, first, out, flt, pace, stop)
-                nursery.cancel_scope.cancel()
-    finally:
-        with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await out.send_all(flt.modes.undo())
-        await out.aclose()
-        if terminal is not None:
-            await terminal.aclose()
+    keys = os.isatty(0)
+    with _raw(0) if keys else contextlib.nullcontext():
+        try:
+            first: Frame | None = None
+            if start is not None:
+                screen, first = skip_to(frames, start, size)
+                cols, rows = os.get_terminal_size(1) if os.isatty(1) else size
+                _write(flt(screen.render(cols, rows)))
+            last: float | None = None
+            for frame in _chain(first, frames):
+                if last is not None and not _wait(pace.wait(frame.timestamp - last), pace, keys):
+                    break
+                last = frame.timestamp
+                if frame.data:
+                    _write(flt(frame.data))
+        finally:
+            with contextlib.suppress(OSError):
+                _write(flt.modes.undo())
     return 0
 
 
-async def _frames(
-    frames: Iterator[Frame],
-    first: Frame | None,
-    out: trio.lowlevel.FdStream,
-    flt: Filter,
-    pace: Pace,
-    stop: trio.Event,
-) -> None:
-    last: float | None = None
-    for frame in _chain(first, frames):
-        if last is not None:
-            await _sleep(pace.wait(frame.timestamp - last), pace, stop)
-        if stop.is_set():
-            return
-        last = frame.timestamp
-        if frame.data:
-            await out.send_all(flt(frame.data))
+def _write(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view) :]
+
+
+@contextlib.contextmanager
+def _raw(fd: int) -> Iterator[None]:
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd, termios.TCSANOW)  # keys one by one, no echo; output processed
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def _chain(first: Frame | None, rest: Iterator[Frame]) -> Iterator[Frame]:
@@ -162,29 +163,26 @@ def _chain(first: Frame | None, rest: Iterator[Frame]) -> Iterator[Frame]:
     yield from rest
 
 
-async def _sleep(seconds: float, pace: Pace, stop: trio.Event) -> None:
-    """Wait ``seconds`` of playing time: time paused does not count."""
-    left = seconds
-    while left > 0 and not stop.is_set():
-        if pace.paused:
-            await trio.sleep(0.05)
-            continue
-        step = min(left, 0.05)
-        await trio.sleep(step)
-        left -= step
-
-
-async def _keys(
-    terminal: Terminal, pace: Pace, stop: trio.Event, scope: trio.CancelScope
-) -> None:
+def _wait(seconds: float, pace: Pace, keys: bool) -> bool:
+    """Wait ``seconds`` of playing time (paused time does not count), taking keys;
+    False when a key said stop."""
+    deadline = time.monotonic() + seconds
     while True:
-        data = await terminal.stream.receive_some(64)
-        if not data:
-            return
-        if data.startswith(b"\x1b"):  # a key with a sequence, or a terminal's report
-            continue
-        for i in range(len(data)):
-            if not pace.key(data[i : i + 1]):
-                stop.set()
-                scope.cancel()
-                return
+        left = deadline - time.monotonic()
+        if not pace.paused and left <= 0:
+            return True
+        if not keys:
+            time.sleep(max(0.0, left))
+            return True
+        paused_at = time.monotonic()
+        ready, _, _ = select.select([0], [], [], None if pace.paused else left)
+        if pace.paused:
+            deadline += time.monotonic() - paused_at
+        if ready:
+            data = os.read(0, 64)
+            if not data or (not data.startswith(b"\x1b") and not all(map(pace.key, _bytes(data)))):
+                return False
+
+
+def _bytes(data: bytes) -> Iterator[bytes]:
+    return (data[i : i + 1] for i in range(len(data)))
