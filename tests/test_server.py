@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -32,6 +31,7 @@ from .helpers import (
     ServerProc,
     account,
     gid_of,
+    read_audit,
     root,
     server_argv,
     wait_for,
@@ -652,7 +652,7 @@ async def test_daemon_mode_returns_once_the_socket_is_ready(
     result = await trio.run_process(server_argv(sock, log_dir, "--daemon"), cwd="/", check=False)
     assert result.returncode == 0
     assert sock.exists()  # ready before the parent returned
-    records = [json.loads(line) for line in (log_dir / "audit.jsonl").read_text().splitlines()]
+    records = read_audit(log_dir / "audit.jsonl")
     pid = records[0]["metadata"]["pid"]
     try:
         assert records[0]["command_type"] == "server_start"
