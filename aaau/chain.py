@@ -102,6 +102,7 @@ class FileReport:
     unsealed: int = 0  # lines before the chain began (written before there was one)
     first: str | None = None  # audit_chain's "previous": the hash the file before ended with
     head: str = ""  # the last hash
+    holds_head: bool = False  # the hash looked for is one of this file's
     breaks: list[Break] = attrs.Factory(list)
 
     @property
@@ -109,13 +110,14 @@ class FileReport:
         return not self.breaks
 
 
-def check_lines(path: str, lines: Iterable[bytes]) -> FileReport:
+def check_lines(path: str, lines: Iterable[bytes], look_for: str | None = None) -> FileReport:
     """Check the chain of one file's lines.
 
     Lines before the first sealed one are counted as ``unsealed`` (a log written
     before the chain existed); after it, every line must be sealed and linked.
     After a break, checking goes on from the broken record, so each later
-    change is reported too.
+    change is reported too. ``look_for``: a hash kept elsewhere (``holds_head``
+    says whether it is here).
     """
     report = FileReport(path)
     previous: str | None = None
@@ -141,6 +143,8 @@ def check_lines(path: str, lines: Iterable[bytes]) -> FileReport:
             report.breaks.append(Break(number, _CHANGED))
         previous = digest
         report.head = digest
+        if digest == look_for:
+            report.holds_head = True
     return report
 
 

@@ -22,7 +22,6 @@ dead session's processes and files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pwd
@@ -182,15 +181,11 @@ class Identities:
             fd = paths.open_file(dir_fd, LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600, directory)
         finally:
             os.close(dir_fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StartupError(
-                f"another aaau server uses the agent pool {self._config.agent_user}-NN "
-                f"(its state is in {directory})"
-            ) from None
-        self._lock_fd = fd
+        self._lock_fd = paths.hold(
+            fd,
+            f"another aaau server uses the agent pool {self._config.agent_user}-NN "
+            f"(its state is in {directory})",
+        )
 
     def unlock(self) -> None:
         if self._lock_fd >= 0:

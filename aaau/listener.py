@@ -11,7 +11,6 @@ another user made or could change.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket as _socket
 import stat
@@ -33,12 +32,7 @@ class SocketLock:
     def __init__(self, dir_fd: int, name: str, where: str) -> None:
         self.path = os.path.join(where, name)
         fd = paths.open_file(dir_fd, name, os.O_RDWR | os.O_CREAT, 0o600, where)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StartupError(f"another aaau server holds {self.path}") from None
-        self._fd = fd
+        self._fd = paths.hold(fd, f"another aaau server holds {self.path}")
 
     def release(self) -> None:
         if self._fd >= 0:

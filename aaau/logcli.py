@@ -215,15 +215,15 @@ def _files(log_dir: str) -> tuple[str, ...]:
 
 
 def _sessions(files: tuple[str, ...]) -> logview.Sessions:
-    """Summaries of every session: output lines counted without being parsed."""
+    """Summaries of every session: output and input lines counted without being parsed."""
     sessions = logview.Sessions()
     for path in files:
         for number, line in logfiles.lines(path):
             head = logfiles.head_of(line)
             if head is None or head[0] is None or head[1] not in logview.SUMMARY_TYPES:
                 continue
-            if head[1] == "output":
-                sessions.add_output(head[0], logview.output_size(line))
+            if head[1] in ("output", "input"):
+                sessions.add_bytes(head[0], head[1], logview.terminal_bytes(line))
                 continue
             try:
                 record = json.loads(line)
@@ -546,7 +546,7 @@ def _verify(args: argparse.Namespace, log_dir: str) -> int:
     reports = []
     for path in files:
         with logfiles.open_log(path) as f:
-            reports.append(chain.check_lines(path, f))
+            reports.append(chain.check_lines(path, f, look_for=args.head))
     bad = False
     for report in reports:
         for b in report.breaks:
@@ -559,19 +559,11 @@ def _verify(args: argparse.Namespace, log_dir: str) -> int:
         for path, why in chain.check_sequence(reports):
             bad = True
             print(printable(f"{path}: {why}"))
-    if args.head and not any(args.head in _heads(r.path) for r in reports):
+    if args.head and not any(r.holds_head for r in reports):
         bad = True
         print(f"the hash {args.head} is not in the log: records up to it were removed or changed")
     print("the chain holds" if not bad else "the chain is broken")
     return 1 if bad else 0
-
-
-def _heads(path: str) -> Iterator[str]:
-    with logfiles.open_log(path) as f:
-        for line in f:
-            found = chain.unseal(line)
-            if found:
-                yield found[1]
 
 
 _COMMANDS: Final = {

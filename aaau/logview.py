@@ -119,12 +119,13 @@ class Sessions:
         elif kind == "input":
             s.input_bytes += int(md.get("bytes") or 0)
 
-    def add_output(self, session_id: str, size: int, timestamp: float | None = None) -> None:
-        """Output counted without its record parsed (see :func:`output_size`)."""
+    def add_bytes(self, session_id: str, kind: str, size: int) -> None:
+        """Output or input counted without its record parsed (see :func:`terminal_bytes`)."""
         s = self._summary(session_id)
-        s.output_bytes += size
-        if timestamp is not None:
-            s.last_seen = timestamp
+        if kind == "output":
+            s.output_bytes += size
+        else:
+            s.input_bytes += size
 
     def summaries(self) -> list[Summary]:
         """Sessions in order of their start (a session seen only in part: of its first record)."""
@@ -139,8 +140,8 @@ class Sessions:
 _BYTES: Final = re.compile(rb'"bytes":([0-9]+)')
 
 
-def output_size(line: bytes) -> int:
-    """``metadata.bytes`` of an output record's line, without parsing the line.
+def terminal_bytes(line: bytes) -> int:
+    """``metadata.bytes`` of an output or input record's line, without parsing the line.
 
     ``"bytes":`` cannot occur inside a JSON string (its closing quote would be
     escaped), and the metadata comes after the content: the last one is it.

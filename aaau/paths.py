@@ -17,6 +17,7 @@ matters, and the server does not start.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from typing import Final
@@ -107,6 +108,17 @@ def open_file(dir_fd: int, name: str, flags: int, mode: int, where: str) -> int:
     if problem is not None:
         os.close(fd)
         raise UnsafePath(f"{where}/{name} {problem}: remove it")
+    return fd
+
+
+def hold(fd: int, busy: str) -> int:
+    """``fd``, exclusively flocked for as long as it stays open; if another process
+    holds it, ``fd`` is closed and :class:`StartupError` says ``busy``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(busy) from None
     return fd
 
 

@@ -17,7 +17,6 @@ life: two servers never share one, so neither ends the other's sessions.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -29,7 +28,6 @@ import trio
 
 from . import cgroups, paths
 from .audit import AuditLog
-from .errors import StartupError
 
 log = structlog.get_logger("aaau.recovery")
 
@@ -94,15 +92,11 @@ class BaseLock:
         with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=0o755)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StartupError(
-                f"another aaau server keeps its sessions' cgroups under {directory} "
-                "(give each server its own cgroup_base)"
-            ) from None
-        self._fd = fd
+        self._fd = paths.hold(
+            fd,
+            f"another aaau server keeps its sessions' cgroups under {directory} "
+            "(give each server its own cgroup_base)",
+        )
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -44,6 +44,7 @@ from .helpers import (
     init_argv,
     server_argv,
 )
+from .terminals import Tmux
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -190,6 +191,16 @@ async def start_server(
         with trio.move_on_after(15):
             for srv in started:
                 await srv.process.wait()
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    """A tmux server of the test's own (tests/terminals.py), killed at the end."""
+    t = Tmux()
+    try:
+        yield t
+    finally:
+        t.kill()
 
 
 def _server_env() -> dict[str, str]:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import trio
 
-from aaau import casts, logcli, logview
+from aaau import casts, logcli, logview, replay
 from aaau import messages as m
+from aaau.audit import encode_bytes
 from aaau.logfiles import Entry
 
 from .helpers import wait_for
@@ -70,6 +71,7 @@ async def test_ls_lists_sessions_with_creator_end_and_who_joined(
     a, b = sessions[ids["alice"]], sessions[ids["bob"]]
     assert (a["creator"], a["argv"], a["exit_code"], a["state"]) == ("alice", ["sh"], 3, "ended")
     assert a["term"] == "xterm" and a["rows"] == 24 and a["cols"] == 80
+    assert a["input_bytes"] == len(b"echo hello-wrold\x7f\x7f\x7f\x7forld\r" b"exit 3\r")
     assert b["joined"] == ["ada"] and b["signal"] is not None and b["output_bytes"] > 10
     code, out, _ = _run(capsys, log_dir, "ls", "--user", "ada")
     assert code == 0 and ids["bob"] in out and ids["alice"] not in out
@@ -143,6 +145,11 @@ async def test_verify_passes_then_fails_at_the_edited_line(
     log_dir, _ = recorded
     code, out, _ = _run(capsys, log_dir, "verify")
     assert code == 0 and out.rstrip().endswith("the chain holds")
+    kept = json.loads((log_dir / "audit.jsonl").read_bytes().splitlines()[5])["hash"]
+    code, out, _ = _run(capsys, log_dir, "verify", "--head", kept)  # a head kept elsewhere
+    assert code == 0
+    code, out, _ = _run(capsys, log_dir, "verify", "--head", "0" * 64)
+    assert code == 1 and f"the hash {'0' * 64} is not in the log" in out
     path = log_dir / "audit.jsonl"
     lines = path.read_bytes().splitlines(keepends=True)
     victim = next(i for i, line in enumerate(lines) if b'"command_type":"input"' in line)
@@ -156,11 +163,16 @@ async def test_verify_passes_then_fails_at_the_edited_line(
 # --- the pure parts ----------------------------------------------------------------------
 
 
+def _terminal(kind: str, data: bytes, t: float, **metadata: Any) -> Entry:
+    """An ``input`` or ``output`` record as the server stores its bytes."""
+    content, encoding = encode_bytes(data)
+    user = metadata.pop("user", "-")
+    meta = {"encoding": encoding, "bytes": len(data), **metadata}
+    return Entry("f", 1, t, user, None, None, "s", kind, content, meta)
+
+
 def _input(data: bytes, t: float = 1.0, client: int = 1, user: str = "alice") -> Entry:
-    return Entry(
-        "f", 1, t, user, 1, "Interactive", "s", "input", data.decode("latin-1"),
-        {"encoding": "utf-8", "bytes": len(data), "client_id": client},
-    )
+    return _terminal("input", data, t, client_id=client, user=user)
 
 
 @pytest.mark.parametrize(
@@ -195,16 +207,28 @@ def test_typing_keeps_people_apart_and_reports_unfinished_lines() -> None:
 def test_tlog_keeps_bytes_that_are_not_utf8_and_characters_cut_in_two() -> None:
     summary = logview.Summary("s", started=10.0, rows=24, cols=80, creator="alice")
 
-    def out(data: bytes, t: float) -> Entry:
-        return Entry("f", 1, t, "-", None, None, "s", "output", "", {"encoding": "base64"}) if False else Entry(
-            "f", 1, t, "-", None, None, "s", "output",
-            __import__("base64").b64encode(data).decode(), {"encoding": "base64"},
-        )
-
     msgs: list[dict[str, Any]] = [
         json.loads(line)
-        for line in casts.tlog(summary, [out(b"a\xe2\x82", 10.5), out(b"\xac\xff!", 11.0)])
+        for line in casts.tlog(
+            summary,
+            [_terminal("output", b"a\xe2\x82", 10.5), _terminal("output", b"\xac\xff!", 11.0)],
+        )
     ]
     (msg,) = msgs
     assert msg["out_txt"] == "a\u20ac\ufffd!" and msg["out_bin"] == [0xFF]
     assert msg["timing"] == "=80x24>1+500>1]1/1>1" and msg["pos"] == 500
+
+
+def test_replay_pace_keys_and_idle_limit() -> None:
+    pace = replay.Pace(speed=2.0, idle_limit=1.5)
+    assert pace.wait(10.0) == 0.75 and pace.wait(-1.0) == 0.0  # capped, then sped up
+    assert pace.key(b"+") and pace.speed == 4.0
+    assert pace.key(b" ") and pace.paused and pace.key(b" ") and not pace.paused
+    assert not pace.key(b"q") and not pace.key(b"\x03")
+
+
+def test_replay_lets_only_text_and_modes_through() -> None:
+    flt = replay.Filter()
+    shown = flt(b"a\x1b]52;c;c2VjcmV0\x07b\x1b[6nc\x1b]0;t\x07d\x1b[?1049he")
+    assert shown == b"abcd\x1b[?1049he"
+    assert b"\x1b[?1049l" in flt.modes.undo()  # the alternate screen is left at the end

@@ -14,10 +14,8 @@ import json
 import os
 import shlex
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
 
 from .helpers import ADA, ADMIN_GROUP, ALICE, BOB, PY, ServerProc, gid_of, root, run_cli, wait_for
@@ -26,15 +24,6 @@ from .terminals import Tmux, client_command
 pytestmark = root
 
 ASCIINEMA = shutil.which("asciinema") or str(Path(PY).parent / "asciinema")
-
-
-@pytest.fixture
-def tmux() -> Iterator[Tmux]:
-    t = Tmux()
-    try:
-        yield t
-    finally:
-        t.kill()
 
 
 def _text(lines: list[str]) -> list[str]:

@@ -13,7 +13,6 @@ import re
 import shlex
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ pytestmark = root
 INKISH = (Path(__file__).parent / "programs" / "inkish.py").read_text()
 #: about 340 KiB of lines, the file vim and less show
 BIG_FILE = "seq -f 'line %06g of a file long enough to scroll for a while, more than once' 1 4500"
-
-
-@pytest.fixture
-def tmux() -> Iterator[Tmux]:
-    t = Tmux()
-    try:
-        yield t
-    finally:
-        t.kill()
 
 
 def _sid(server: ServerProc, user: str, n: int = 1) -> str:
