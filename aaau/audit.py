@@ -68,6 +68,16 @@ def decode_content(content: str, encoding: str) -> bytes:
     return base64.b64decode(content) if encoding == "base64" else content.encode("utf-8")
 
 
+_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+_NAMES = tuple(f.name for f in attrs.fields(AuditRecord))
+
+
+def _json(record: AuditRecord) -> bytes:
+    """A record's JSON without its hash: fields in order, no copy of the content
+    (``attrs.asdict`` would copy it and recurse into the metadata on every record)."""
+    return _DUMPS({name: getattr(record, name) for name in _NAMES}).encode()
+
+
 class AuditUnavailable(Exception):
     """The log cannot take a record now; whatever needed one must not happen."""
 
@@ -183,7 +193,7 @@ class AuditLog:
         )
         if fields:
             raise TypeError(f"unknown audit fields: {sorted(fields)}")
-        body = json.dumps(attrs.asdict(record), separators=(",", ":")).encode()
+        body = _json(record)
         return record, body
 
     def write(self, command_type: str, **fields: Any) -> AuditRecord:
@@ -258,7 +268,7 @@ class AuditLog:
             content="a hash chain begins",
             metadata=metadata,
         )
-        body = json.dumps(attrs.asdict(record), separators=(",", ":")).encode()
+        body = _json(record)
         self._chained = True  # for this one write; taken back if it fails
         head = self.head
         self.head = self._continues or ""
