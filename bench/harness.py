@@ -413,10 +413,15 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
     try:
         yield AaauServer(base, process, sock, log_dir)
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        shutil.rmtree(base, ignore_errors=True)
-        _remove_cgroup_base(base.name)
+        try:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave a server, its files or cgroups behind
+            process.kill()
+            process.wait()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+            _remove_cgroup_base(base.name)
 
 
 def _remove_cgroup_base(name: str) -> None:
@@ -427,14 +432,21 @@ def _remove_cgroup_base(name: str) -> None:
                 (mount / name).rmdir()
 
 
+def _accounts(database: str) -> list[str]:
+    """Names in the passwd or group database that the benchmark's prefix marks as its own."""
+    out = subprocess.run(["getent", database], capture_output=True, text=True, check=False)
+    return [line.split(":")[0] for line in out.stdout.splitlines() if line.startswith("aaub-")]
+
+
 def remove_accounts() -> None:
-    """Every user, group, home and PAM file the benchmark brought (a baseline build's too)."""
-    users = [AGENT, *POOL]
+    """Every user, group, home and PAM file the benchmark brought (a baseline build's too:
+    an older ``init`` made 32 pool users, so every ``aaub-`` account goes)."""
+    users = sorted({AGENT, *POOL, *_accounts("passwd")})
     for user in users:
         subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True, check=False)
     for user in users:
         subprocess.run(["userdel", "--force", user], capture_output=True, check=False)
-    for group in (GROUP, ADMIN_GROUP, *users):
+    for group in sorted({GROUP, ADMIN_GROUP, *users, *_accounts("group")}):
         subprocess.run(["groupdel", group], capture_output=True, check=False)
     shutil.rmtree(HOMES, ignore_errors=True)
     Path(f"/etc/pam.d/{PAM_SERVICE}").unlink(missing_ok=True)
