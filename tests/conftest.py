@@ -15,6 +15,7 @@ Testing rules for this suite:
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -58,6 +59,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _run(argv: list[str]) -> None:
     subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_nft_table_left() -> Iterator[None]:
+    """NET_ISOLATE tests make ``table inet aaau`` (the server removes its rules, and leaves
+    the table for other servers): removed at the end if no rule is left in it and it was
+    not there before."""
+    nft = shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    listed = ["list", "table", "inet", "aaau"]
+    before = nft is not None and subprocess.run([nft, *listed], capture_output=True).returncode == 0
+    yield
+    if nft is None or before:
+        return
+    found = subprocess.run([nft, "-j", *listed], capture_output=True, text=True)
+    if found.returncode != 0:
+        return
+    items = json.loads(found.stdout).get("nftables", [])
+    if not any("rule" in item for item in items):
+        subprocess.run([nft, "delete", "table", "inet", "aaau"], capture_output=True)
 
 
 @pytest.fixture(scope="session")
