@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
@@ -33,11 +34,18 @@ import structlog
 import trio
 
 from . import chain, paths
+from .journal import JournalSink
 
 log = structlog.get_logger("aaau.audit")
 
 #: how often a failed log is tried again (and a deleted file noticed)
 RETRY_INTERVAL: Final = 1.0
+
+#: how often the chain's head is logged (``audit-anchor``) when it moved
+ANCHOR_INTERVAL: Final = 300.0
+
+#: how long output may be held to be written as one record with what follows it
+HOLD_SECONDS: Final = 0.02
 
 
 @attrs.frozen
@@ -106,17 +114,18 @@ class AuditLog:
         self.path = path
         self._gid = gid
         self._seq = 0
-        self._fd = -1
         self._pending: collections.deque[bytes] = collections.deque()
         self._lost = 0
         self.failure: str | None = None  # why the log cannot take records now
         self._failed_at = 0.0
         self._reopen_failed = False
         self._host = socket.gethostname()
-        self.head = ""  # the hash of the last record written ("" before the first)
-        self._chained = False  # the open file's chain is known (False: begin one)
-        self._why_new = "start"
-        self._continues: str | None = None
+        self._file = _ChainedFile(self._host)
+        self.journal: JournalSink | None = None  # a copy of each record (aaau/journal.py)
+        self._told_dropped = 0
+        self._anchored = ""
+        self._held: dict[object, Callable[[], None]] = {}
+        self._holding = trio.Event()
         self.reopen(gid=gid)
 
     @classmethod
@@ -130,56 +139,32 @@ class AuditLog:
     def available(self) -> bool:
         return self.failure is None and not self._pending
 
+    @property
+    def head(self) -> str:
+        """The hash of the last record written ("" before the first)."""
+        return self._file.head
+
     def reopen(self, *, gid: int | None = None) -> None:
         """(Re)open the file, as after a log rotation; the old one stays if this fails.
 
         The directory is checked and the file opened without following a link
         (:mod:`aaau.paths`): root never appends to a file someone else chose.
         """
-        directory, name = paths.directory_of(self.path)
-        dir_fd = paths.open_dir(directory)
-        try:
-            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: where its chain ends
-            fd = paths.open_file(dir_fd, name, flags, 0o640, directory)
-        finally:
-            os.close(dir_fd)
-        try:
-            os.fchmod(fd, 0o640)
-            if gid is not None:
-                os.fchown(fd, 0, gid)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            tail = chain.last_hash(fd)
-        except chain.ChainError:  # ends in a cut line: ours begin on a line of their own
-            tail = None
-            with contextlib.suppress(OSError):
-                os.write(fd, b"\n")
-        except OSError:
-            tail = None
+        self._file.open(self.path, gid if gid is not None else self._gid)
         self._gid = gid if gid is not None else self._gid
-        old, self._fd = self._fd, fd
-        if old >= 0:
-            os.close(old)
-            self._why_new = "reopened"
-        if tail and (tail == self.head or not self.head):
-            self.head, self._chained = tail, True  # go on where the file ends
-        else:
-            self._chained = False  # empty, unchained or someone else's: say so first
-            self._continues = tail or None
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self.anchor()
+        self._file.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def _record(self, command_type: str, **fields: Any) -> tuple[AuditRecord, bytes]:
         """The record and its JSON without the hash (added when it is written)."""
         self._seq += 1
         role = fields.pop("role", None)
         record = AuditRecord(
-            timestamp=time.time(),
+            timestamp=fields.pop("timestamp", None) or time.time(),
             seq=self._seq,
             host=self._host,
             source=fields.pop("source", "system"),
@@ -196,8 +181,27 @@ class AuditLog:
         body = _json(record)
         return record, body
 
+    def hold(self, owner: object, release: Callable[[], None]) -> None:
+        """``owner`` holds records back (output, to write many chunks as one record):
+        ``release()`` writes them, before any other record, or after ``HOLD_SECONDS``.
+
+        So the file keeps the order things happened in, and a flood of small
+        chunks costs one record's encoding, hash and write per batch, not per chunk.
+        """
+        if not self._held:
+            self._holding.set()
+        self._held.setdefault(owner, release)
+
+    def release_held(self) -> None:
+        """Write every held record now, oldest holder first."""
+        while self._held:
+            held, self._held = self._held, {}
+            for release in held.values():
+                release()
+
     def write(self, command_type: str, **fields: Any) -> AuditRecord:
         """Record, or raise :class:`AuditUnavailable` (and the caller does nothing)."""
+        self.release_held()
         self._flush()  # what was kept goes first, so sequence numbers stay in order
         record, line = self._record(command_type, **fields)
         try:
@@ -209,6 +213,7 @@ class AuditLog:
 
     def note(self, command_type: str, **fields: Any) -> AuditRecord:
         """Record now, or as soon as the log can take it; never raises."""
+        self.release_held()
         record, line = self._record(command_type, **fields)
         if len(self._pending) >= PENDING_RECORDS:
             self._lost += 1
@@ -228,55 +233,13 @@ class AuditLog:
 
     def _emit(self, body: bytes) -> None:
         """Write one record (its JSON without the hash), chained to the last one."""
-        if not self._chained:
-            self._begin_chain()
-        digest = chain.link(self.head, body)
-        line = chain.sealed(body, digest)
-        view, written = memoryview(line), 0
         try:
-            while written < len(line):
-                written += os.write(self._fd, view[written:])
+            digest = self._file.append(body)
         except OSError as exc:
-            if written:  # no partial line: take back what went out
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
             self._fail(f"{exc.strerror or exc} ({self.path})")
             raise AuditUnavailable(self.failure) from None
-        self.head = digest
-
-    def _begin_chain(self) -> None:
-        """First in a file: ``audit_chain``, naming the hash the previous file ended with.
-
-        ``metadata.previous``: the last hash this server wrote (to the file before a
-        rotation), or null at a start; ``metadata.continues``: the last hash of a
-        non-empty file whose chain this one does not continue (replaced, or written
-        by someone else), which the new chain then covers too.
-        """
-        metadata = {"previous": self.head or None, "reason": self._why_new}
-        if self._continues:
-            metadata["continues"] = self._continues
-        record = AuditRecord(
-            timestamp=time.time(),
-            seq=0,  # outside the run's numbering, which stays without gaps
-            host=self._host,
-            source="system",
-            user="-",
-            uid=None,
-            role=None,
-            session_id=None,
-            command_type="audit_chain",
-            content="a hash chain begins",
-            metadata=metadata,
-        )
-        body = _json(record)
-        self._chained = True  # for this one write; taken back if it fails
-        head = self.head
-        self.head = self._continues or ""
-        try:
-            self._emit(body)
-        except AuditUnavailable:
-            self._chained, self.head = False, head
-            raise
+        if self.journal is not None:
+            self.journal.send(body, digest)
 
     def _fail(self, why: str) -> None:
         if self.failure is None:
@@ -307,8 +270,7 @@ class AuditLog:
     def retry(self) -> None:
         """The retry loop's step: reopen a deleted or replaced file, write what was kept."""
         try:
-            on_disk, ours = os.stat(self.path), os.fstat(self._fd)
-            replaced = (on_disk.st_dev, on_disk.st_ino) != (ours.st_dev, ours.st_ino)
+            replaced = not self._file.is_at(self.path)
         except OSError:
             replaced = True
         if replaced:
@@ -327,15 +289,157 @@ class AuditLog:
             self._flush()
 
     async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run :meth:`retry` every ``RETRY_INTERVAL`` seconds, for the server's life."""
-        task_status.started()
+        """Run :meth:`retry` every ``RETRY_INTERVAL`` seconds, and write held records
+        ``HOLD_SECONDS`` after they were first held, for the server's life."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.release_when_held)
+            task_status.started()
+            anchor_at = trio.current_time() + ANCHOR_INTERVAL
+            while True:
+                await trio.sleep(RETRY_INTERVAL)
+                self.retry()
+                self._tell_journal_drops()
+                if trio.current_time() >= anchor_at:
+                    anchor_at = trio.current_time() + ANCHOR_INTERVAL
+                    self.anchor()
+
+    def anchor(self) -> None:
+        """Log the chain's head (``audit-anchor``) if it moved: under systemd the
+        operational log is the journal, a copy of the head outside the file, which
+        ``aaau log verify --head`` checks (cutting the file's end shows)."""
+        if self.head and self.head != self._anchored:
+            self._anchored = self.head
+            log.info("audit-anchor", head=self.head, seq=self._seq, path=self.path)
+
+    def _tell_journal_drops(self) -> None:
+        journal = self.journal
+        if journal is not None and journal.dropped != self._told_dropped:
+            log.warning(
+                "journal-dropped",
+                entries=journal.dropped - self._told_dropped,
+                error=journal.last_error,
+                socket=journal.path,
+            )
+            self._told_dropped = journal.dropped
+
+    async def release_when_held(self) -> None:
+        """Write held records ``HOLD_SECONDS`` after the first was held, forever."""
         while True:
-            await trio.sleep(RETRY_INTERVAL)
-            self.retry()
+            await self._holding.wait()
+            await trio.sleep(HOLD_SECONDS)
+            self._holding = trio.Event()
+            self.release_held()
 
     def bind(self, **context: Any) -> BoundAudit:
         """A view of this log that adds ``context`` to every record (see BoundAudit)."""
         return BoundAudit(self, {}, {}).bind(**context)
+
+
+class _ChainedFile:
+    """The open log file and its hash chain: where it ends, how a record is appended.
+
+    A file begins with ``audit_chain``, naming the hash the previous file ended
+    with (``metadata.previous``: the last hash this server wrote, before a
+    rotation, or null at a start; ``metadata.continues``: the last hash of a
+    non-empty file whose chain this one does not continue, replaced or written
+    by someone else, which the new chain then covers too).
+    """
+
+    def __init__(self, host: str) -> None:
+        self._host = host
+        self._fd = -1
+        self.head = ""  # the hash of the last record written ("" before the first)
+        self._chained = False  # the open file's chain is known (False: begin one)
+        self._why_new = "start"
+        self._continues: str | None = None
+
+    def open(self, path: str, gid: int | None) -> None:
+        directory, name = paths.directory_of(path)
+        dir_fd = paths.open_dir(directory)
+        try:
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: where its chain ends
+            fd = paths.open_file(dir_fd, name, flags, 0o640, directory)
+        finally:
+            os.close(dir_fd)
+        try:
+            os.fchmod(fd, 0o640)
+            if gid is not None:
+                os.fchown(fd, 0, gid)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            tail = chain.last_hash(fd)
+        except chain.ChainError:  # ends in a cut line: ours begin on a line of their own
+            tail = None
+            with contextlib.suppress(OSError):
+                os.write(fd, b"\n")
+        except OSError:
+            tail = None
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+            self._why_new = "reopened"
+        if tail and (tail == self.head or not self.head):
+            self.head, self._chained = tail, True  # go on where the file ends
+        else:
+            self._chained = False  # empty, unchained or someone else's: say so first
+            self._continues = tail or None
+
+    def is_at(self, path: str) -> bool:
+        """The open file is the one ``path`` names (not deleted, not replaced)."""
+        on_disk, ours = os.stat(path), os.fstat(self._fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def append(self, body: bytes) -> str:
+        """Write one record's line, chained to the last: its hash. Raises OSError,
+        leaving no part of the line."""
+        if not self._chained:
+            self._begin()
+        digest = chain.link(self.head, body)
+        line = chain.sealed(body, digest)
+        view, written = memoryview(line), 0
+        try:
+            while written < len(line):
+                written += os.write(self._fd, view[written:])
+        except OSError:
+            if written:  # no partial line: take back what went out
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise
+        self.head = digest
+        return digest
+
+    def _begin(self) -> None:
+        metadata = {"previous": self.head or None, "reason": self._why_new}
+        if self._continues:
+            metadata["continues"] = self._continues
+        record = AuditRecord(
+            timestamp=time.time(),
+            seq=0,  # outside the run's numbering, which stays without gaps
+            host=self._host,
+            source="system",
+            user="-",
+            uid=None,
+            role=None,
+            session_id=None,
+            command_type="audit_chain",
+            content="a hash chain begins",
+            metadata=metadata,
+        )
+        self._chained = True  # for this one write; taken back if it fails
+        head = self.head
+        self.head = self._continues or ""
+        try:
+            self.append(_json(record))
+        except OSError:
+            self._chained, self.head = False, head
+            raise
 
 
 #: the record fields a BoundAudit may carry; any other bound key goes into metadata
@@ -378,3 +482,6 @@ class BoundAudit:
 
     def write_bytes(self, command_type: str, data: bytes, **fields: Any) -> AuditRecord:
         return self._log.write_bytes(command_type, data, **self._merged(fields))
+
+    def hold(self, owner: object, release: Callable[[], None]) -> None:
+        self._log.hold(owner, release)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import structlog
-
-from . import attach, client, provision
+from . import attach, client, oplog, provision
 from . import messages as m
 from .config import ConfigError, IdentityMode, load
 from .terminal import window_size
@@ -25,43 +21,6 @@ ALIASES = {
     "claude": ("claude", "--dangerously-skip-permissions"),
     "codex": ("codex", "--dangerously-bypass-approvals-and-sandbox"),
 }
-
-
-class _NeverFails:
-    """The operational log's stream: a full disk or a closed pipe must not take a caller
-    down (the audit log's failure path logs, and must not fail for logging)."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.write(text)
-
-    def flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._stream.flush()
-
-    def isatty(self) -> bool:
-        return bool(self._stream.isatty())
-
-
-def configure_logging(stream: Any = None) -> None:
-    """Operational logs (not the audit log): JSON lines on stderr, console on a tty."""
-    stream = _NeverFails(stream or sys.stderr)
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if stream.isatty() else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
-    )
 
 
 # --- aaau-server -----------------------------------------------------------------------
@@ -109,6 +68,12 @@ def _server_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
     run.add_argument(
+        "--log-level",
+        choices=oplog.LEVELS,
+        default="info",
+        help="the least important events the operational log shows (default: info)",
+    )
+    run.add_argument(
         "--identity",
         type=IdentityMode,
         choices=list(IdentityMode),
@@ -134,6 +99,12 @@ def _server_parser() -> argparse.ArgumentParser:
         ("session-nofile", int, "open files per agent process"),
     ):
         limits.add_argument(f"--{name}", type=kind, help=text)
+    run.add_argument(
+        "--journald",
+        choices=["off", "events", "all"],
+        help="copy audit records to the journal: every record but output, or all (default: off)",
+    )
+    run.add_argument("--journal-socket", help=argparse.SUPPRESS)  # tests: a journald of theirs
     run.add_argument(
         "--no-record-output",
         dest="record_output",
@@ -173,38 +144,41 @@ def server_main(argv: list[str] | None = None) -> int:
     return _run_server(args)
 
 
+#: the options of `run` that override the config file
+_OVERRIDES = (
+    "agent_user",
+    "agent_pool",
+    "pam_service",
+    "identity",
+    "state_dir",
+    "cgroup_base",
+    "session_pids_max",
+    "session_memory_max",
+    "session_nofile",
+    "group",
+    "admin_group",
+    "socket",
+    "log_dir",
+    "handshake_timeout",
+    "max_frame",
+    "clients_per_session",
+    "max_sessions",
+    "sessions_per_user",
+    "scrollback_bytes",
+    "client_queue_bytes",
+    "kill_grace",
+    "record_output",
+    "journald",
+    "journal_socket",
+)
+
+
 def _run_server(args: argparse.Namespace) -> int:
     import trio
 
     from .server import Server, StartupError
 
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "agent_user",
-            "agent_pool",
-            "pam_service",
-            "identity",
-            "state_dir",
-            "cgroup_base",
-            "session_pids_max",
-            "session_memory_max",
-            "session_nofile",
-            "group",
-            "admin_group",
-            "socket",
-            "log_dir",
-            "handshake_timeout",
-            "max_frame",
-            "clients_per_session",
-            "max_sessions",
-            "sessions_per_user",
-            "scrollback_bytes",
-            "client_queue_bytes",
-            "kill_grace",
-            "record_output",
-        )
-    }
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
     try:
         config = load(args.config).with_overrides(**overrides)
     except (ConfigError, ValueError) as exc:
@@ -213,7 +187,7 @@ def _run_server(args: argparse.Namespace) -> int:
     ready_fd = args.ready_fd
     if args.daemon:
         ready_fd = _daemonize(config.log_dir)
-    configure_logging()
+    oplog.configure(args.log_level)
     server = Server(config, config_file=args.config, overrides=overrides)
 
     async def main() -> None:
@@ -245,14 +219,9 @@ def _daemonize(log_dir: str) -> int:
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.makedirs(log_dir, exist_ok=True)
-    log = os.open(
-        os.path.join(log_dir, "server.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
-    )
     os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
     os.close(devnull)
-    os.close(log)
+    oplog.send_to_file(os.path.join(log_dir, "server.log"))
     return write_fd
 
 

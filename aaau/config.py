@@ -11,6 +11,8 @@ import attrs
 import cattrs
 
 from . import codec
+from .journal import SOCKET as JOURNAL_SOCKET
+from .journal import Mode as JournalMode
 
 
 class IdentityMode(enum.StrEnum):
@@ -89,6 +91,10 @@ class Config:
     record_output_rate: int = 4 << 20
     record_output_burst: int = 64 << 20
     record_output_max: int = 1 << 30
+    #: a copy of every audit record in the journal (aaau/journal.py): "off", "events"
+    #: (all but terminal output) or "all"; journal_socket: journald's native socket
+    journald: JournalMode = attrs.field(default=JournalMode.OFF, converter=JournalMode)
+    journal_socket: str = JOURNAL_SOCKET
     #: per-session caps: processes (pids cgroup; RLIMIT_NPROC for the identity as a
     #: backstop), memory in bytes (memory cgroup; 0: none), open files per process
     session_pids_max: int = 512

@@ -142,6 +142,7 @@ class Connection:
         if earlier is not None:
             self._audit = self._audit.bind(user=credentials.user_name(uid))
             self._audit.note("connection_refused", content=why, metadata={"not_recorded": earlier})
+            log.warning("connection-refused", uid=uid, reason=why, not_logged=earlier)
         await self._last_word(m.Error(ErrorCode.LIMIT, why))
 
     async def _admit(self, pid: int, uid: int, gid: int) -> tuple[Identity, Standing] | None:
@@ -156,6 +157,7 @@ class Connection:
             standing = policy.admit(identity, self._hub.groups)
         if isinstance(standing, Refusal):
             self._audit.note("connection_refused", content=standing.reason, metadata=self._peer)
+            log.warning("connection-refused", uid=uid, pid=pid, reason=standing.reason)
             await self._last_word(m.Error(ErrorCode.REFUSED, standing.reason))
             return None
         return identity, standing

@@ -79,6 +79,7 @@ class SessionOutput:
 
     def end_metadata(self) -> dict[str, object]:
         """What ``session_end`` says of the output: what was not recorded, what was removed."""
+        self.recording.flush()
         return {
             "output_recorded": self.recording.recorded,
             "output_not_recorded": self.recording.not_recorded,

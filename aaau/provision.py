@@ -1,6 +1,6 @@
 """``aaau-server init``: the agent user, the groups, the directories, the PAM service.
 
-Idempotent. The package's templates (``aaau/templates/sysusers.conf`` and
+Idempotent. The package's templates (``aaau/templates/sysusers.conf``, ``logrotate.conf`` and
 ``tmpfiles.conf``, read with :mod:`importlib.resources`) are rendered with the
 chosen names, installed under /etc with a name of this instance's own
 (``aaau.conf``, or ``aaau-GROUP.conf`` for another group) so that /run/aaau
@@ -151,6 +151,14 @@ def render_tmpfiles(layout: Layout, ours: Callable[[str], bool] = lambda _path: 
     return _render(_template("tmpfiles.conf"), sub)
 
 
+def render_logrotate(layout: Layout) -> str:
+    """logrotate's file for this instance: its log directory, its admins' group."""
+    log_dir = layout.log_dir.rstrip("/") or "/"
+    text = _template("logrotate.conf")
+    text = text.replace("\n/var/log/aaau/", f"\n{os.path.join(log_dir, '')}")
+    return text.replace("create 0640 root aaau-admin", f"create 0640 root {layout.admin_group}")
+
+
 def _exists_user(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -266,12 +274,14 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
     etc = Path(layout.sysconf_dir)
     sysusers_conf = etc / "sysusers.d" / layout.conf_name
     tmpfiles_conf = etc / "tmpfiles.d" / layout.conf_name
+    logrotate_conf = etc / "logrotate.d" / layout.conf_name.removesuffix(".conf")
     listed = _listed(tmpfiles_conf)
     sysusers = render_sysusers(layout)
     tmpfiles = render_tmpfiles(layout, lambda path: not os.path.lexists(path) or path in listed)
     written = {
         str(sysusers_conf): _write(sysusers_conf, sysusers, 0o644),
         str(tmpfiles_conf): _write(tmpfiles_conf, tmpfiles, 0o644),
+        str(logrotate_conf): _write(logrotate_conf, render_logrotate(layout), 0o644),
         # PAM only looks in /etc/pam.d, whatever --sysconf-dir says
         f"/etc/pam.d/{layout.pam_service}": _write(
             Path("/etc/pam.d") / layout.pam_service, PAM_SERVICE_TEXT, 0o644

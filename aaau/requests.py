@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
+import structlog
 import trio
 
 from . import asys, codec, policy
@@ -36,6 +37,8 @@ from .limits import Overflow, TokenBucket
 from .members import Attachment
 from .protocol import Frame, Kind
 from .session import Session
+
+log = structlog.get_logger("aaau.requests")
 
 #: ASys calls one connection may have running at once
 ASYS_IN_FLIGHT: Final = 4
@@ -138,6 +141,12 @@ class Requests:
 
     def _deny(self, rule: Rule) -> None:
         self.att.audit.note("denied", content=rule.action)
+        log.info(
+            "request-refused",
+            action=rule.action,
+            user=self.att.identity.user,
+            session_id=self.session.id,
+        )
         self.att.send(m.Error(ErrorCode.FORBIDDEN, rule.refusal))
 
     # --- handlers ------------------------------------------------------------------

@@ -21,13 +21,15 @@ from typing import Any, Final
 import structlog
 import trio
 
-from . import asys, credentials
+from . import asys, credentials, oplog
 from .audit import AuditLog
 from .cgroups import Hierarchies
 from .config import Config, load
 from .connection import Connection, Hub
 from .errors import StartupError
 from .identities import Identities
+from .journal import JournalSink
+from .journal import Mode as JournalMode
 from .listener import listen
 from .policy import Groups
 from .recovery import BaseLock, Ledger, recover
@@ -45,10 +47,15 @@ RESTART_ONLY: Final = (
     "cgroup_base",
     "socket",
     "log_dir",
+    "journald",
+    "journal_socket",
 )
 #: after the sessions ended (or their deadline passed), how long connections
 #: get to deliver their last frames before they are cancelled
 CONNECTION_DRAIN: Final = 1.0
+
+#: how often the operational log's file is checked for a rotation
+LOG_CHECK_INTERVAL: Final = 1.0
 
 __all__ = ["Server", "StartupError"]
 
@@ -89,6 +96,7 @@ class Server:
                 audit.note("identity_reset", content=user, metadata={"reason": "start"})
             async with trio.open_nursery() as sessions_nursery:
                 await sessions_nursery.start(audit.keep)
+                sessions_nursery.start_soon(self._follow_log)
                 self._sessions = sessions = Sessions(
                     cfg, audit, sessions_nursery, identities, spawner=self._spawner, ledger=ledger
                 )
@@ -114,6 +122,8 @@ class Server:
         groups = credentials.resolve_groups(identities.agent_uids(), cfg.group, cfg.admin_group)
         identities.check(groups)
         audit = AuditLog.open_in(cfg.log_dir, gid=groups.admin_gid)
+        if cfg.journald is not JournalMode.OFF:
+            audit.journal = JournalSink(cfg.journald, cfg.journal_socket)
         with contextlib.ExitStack() as held:
             held.callback(audit.close)
             listener, lock = await listen(cfg.socket, groups.human_gid or 0)
@@ -135,6 +145,20 @@ class Server:
                 left = len(self._sessions) if self._sessions is not None else 0
                 audit.note("server_stop", content=f"pid {pid}", metadata={"sessions_left": left})
                 log.info("stopped")
+
+    async def _follow_log(self) -> None:
+        """Reopen the operational log's file once logrotate moved it (no signal needed)."""
+        while True:
+            await trio.sleep(LOG_CHECK_INTERVAL)
+            if oplog.moved():
+                self._reopen_log()
+
+    def _reopen_log(self) -> None:
+        try:
+            if reopened := oplog.reopen():
+                log.info("log-reopened", path=reopened)
+        except OSError as exc:
+            log.error("log-reopen-failed", error=str(exc))
 
     def _remove_socket(self, listener: trio.SocketListener) -> None:
         listener.socket.close()
@@ -201,6 +225,7 @@ class Server:
         groups = credentials.resolve_groups(
             hub.sessions.agent_uids(), cfg.group, cfg.admin_group
         )
+        self._reopen_log()
         try:
             hub.audit.reopen(gid=groups.admin_gid)
         except OSError as exc:  # keep writing to the file we have
@@ -210,4 +235,5 @@ class Server:
         self.config = hub.config = hub.asys.config = hub.occupancy.config = cfg
         hub.groups = groups
         hub.audit.note("reload", content="configuration and group membership reloaded")
+        log.info("reloaded", config_file=self.config_file)
         hub.sessions.reload(cfg, groups, hub.identify)

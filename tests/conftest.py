@@ -44,6 +44,7 @@ from .helpers import (
     ServerProc,
     init_argv,
     server_argv,
+    server_env,
 )
 from .terminals import Tmux
 
@@ -181,7 +182,7 @@ async def start_server(
                 pass_fds=(w,),
                 cwd="/",
                 check=False,
-                env=env or _server_env(),
+                env=env or server_env(),
                 task_status=task_status,
                 stderr=stderr_file,
             )
@@ -221,13 +222,6 @@ def tmux() -> Iterator[Tmux]:
         yield t
     finally:
         t.kill()
-
-
-def _server_env() -> dict[str, str]:
-    return {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "AAAU_TEST_SECRET": "server-secret-must-not-leak",
-    }
 
 
 @pytest.fixture

@@ -80,6 +80,14 @@ def init_argv(base_dir: Path, sysconf: str = "etc") -> list[str]:
     ]
 
 
+def server_env() -> dict[str, str]:
+    """The environment test servers start with (a secret the agent must never see)."""
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "AAAU_TEST_SECRET": "server-secret-must-not-leak",
+    }
+
+
 def server_argv(sock: Path | str, log_dir: Path | str, *extra: str) -> list[str]:
     """``aaau-server run`` for the test accounts; every test server shares one state dir."""
     return [

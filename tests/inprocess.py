@@ -160,6 +160,7 @@ def open_in_process(tmp_path: Path, nursery: trio.Nursery, **overrides: Any) -> 
     groups = Groups(agent_uids=frozenset({AGENT_UID}), human_gid=MEMBERS_GID, admin_gid=ADMINS_GID)
     hub = Hub(cfg, groups, audit, sessions, asys.ServerScope(cfg, audit, nursery))
     ip = InProcess(hub, nursery, audit_path, spawner)
+    nursery.start_soon(audit.release_when_held)  # the server's keep() without the retries
     hub.identify = identify_fake
     hub.peer_of = ip._peer_of
     return ip

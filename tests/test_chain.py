@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 
 from aaau import chain
 from aaau.audit import AuditLog
@@ -148,3 +150,17 @@ def test_a_torn_last_line_is_a_break_and_a_new_chain_begins(tmp_path: Path) -> N
     assert [b.line for b in report.breaks] == [9, 10]
     after = [json.loads(line) for line in path.read_bytes().splitlines()[9:]]
     assert [r["command_type"] for r in after] == ["audit_chain", "control"]
+
+
+def test_the_head_is_anchored_in_the_operational_log_when_it_moved(tmp_path: Path) -> None:
+    log = AuditLog(str(tmp_path / "audit.jsonl"))
+    log.write("first")
+    first = log.head
+    with structlog.testing.capture_logs() as logs:
+        log.anchor()
+        log.anchor()  # the head did not move: nothing new to anchor
+        log.write("second")
+        log.close()  # a stop anchors the last head
+    anchors = [e for e in logs if e["event"] == "audit-anchor"]
+    assert [a["head"] for a in anchors] == [first, log.head] and first != log.head
+    assert anchors[-1]["seq"] == 2

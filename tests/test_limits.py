@@ -111,8 +111,8 @@ async def test_a_flood_of_control_messages_is_cut_off_told_once_and_recorded_onc
 async def test_while_the_audit_log_cannot_write_nothing_unrecorded_happens(ip: InProcess) -> None:
     alice, welcome = await ip.create("alice", ("cat",))
     log = ip.hub.audit
-    healthy = log._fd
-    log._fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, from the kernel
+    healthy = log._file._fd
+    log._file._fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, from the kernel
     try:
         await alice.type(b"unrecorded\n")
         error = await alice.expect(m.Error)
@@ -124,8 +124,8 @@ async def test_while_the_audit_log_cannot_write_nothing_unrecorded_happens(ip: I
         creator = await ip.connect("bob", m.Create(V, rows=24, cols=80, term="x", argv=("cat",)))
         assert (await creator.expect(m.Error)).code == "audit-unavailable"
     finally:
-        os.close(log._fd)
-        log._fd = healthy  # the disk has room again
+        os.close(log._file._fd)
+        log._file._fd = healthy  # the disk has room again
     log.retry()
     await alice.type(b"recorded\n")
     await alice.expect_output(b"recorded\r\nrecorded")

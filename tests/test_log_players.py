@@ -14,11 +14,27 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import stat
 from pathlib import Path
 
 import trio
 
-from .helpers import ADA, ADMIN_GROUP, ALICE, BOB, PY, ServerProc, gid_of, root, run_cli, wait_for
+from .helpers import (
+    ADA,
+    ADMIN_GROUP,
+    ALICE,
+    BOB,
+    GROUP,
+    PY,
+    ServerProc,
+    gid_of,
+    read_audit,
+    root,
+    run_cli,
+    server_argv,
+    wait_for,
+)
 from .terminals import Tmux, client_command
 
 pytestmark = root
@@ -111,3 +127,49 @@ async def test_only_admins_read_the_log_and_verify_holds(server: ServerProc, tmu
     assert session["host"] == os.uname().nodename
     verified = await run_cli(ADA, [*args, "verify"], server.socket)
     assert verified.returncode == 0 and verified.stdout.decode().endswith("the chain holds\n")
+
+
+async def test_logrotate_with_inits_file_rotates_a_running_servers_logs_and_the_chain_holds(
+    accounts: dict[str, object], base_dir: Path
+) -> None:
+    """The file init installed, run by the real logrotate (forced, twice: the second
+    compresses the first rotation) against a running daemon: no signal is sent."""
+    conf = base_dir / "etc" / "logrotate.d" / f"aaau-{GROUP}"
+    log_dir = base_dir / "init-log"  # init's log directory: root:admins 0750
+    assert f"{log_dir}/audit.jsonl {{" in conf.read_text()
+    sock = base_dir / "rotate-run" / "aaau.sock"
+    result = await trio.run_process(server_argv(sock, log_dir, "--daemon"), cwd="/", check=False)
+    assert result.returncode == 0
+    pid = read_audit(log_dir / "audit.jsonl")[-1]["metadata"]["pid"]
+    state = base_dir / "logrotate.state"
+    try:
+        for _ in range(2):
+            await trio.run_process(["logrotate", "-f", "-s", str(state), str(conf)])
+            await wait_for(lambda: "log-reopened" in _read(log_dir / "server.log"))
+            await wait_for(lambda: "audit_reopened" in _read(log_dir / "audit.jsonl"))
+            peer = await trio.run_process(  # something happens after the rotation
+                [PY, "-m", "aaau", "-s", str(sock), "ls"], check=False, capture_stdout=True
+            )
+            assert peer.returncode == 0
+        assert (log_dir / "audit.jsonl.2.gz").exists() and (log_dir / "audit.jsonl.1").exists()
+        assert stat.S_IMODE((log_dir / "audit.jsonl").stat().st_mode) == 0o640
+        assert (log_dir / "audit.jsonl").stat().st_gid == gid_of(ADMIN_GROUP)
+        verify = await trio.run_process(
+            [PY, "-m", "aaau", "log", "--log-dir", str(log_dir), "verify"],
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        out = verify.stdout.decode()
+        assert verify.returncode == 0, out + verify.stderr.decode()
+        assert out.count("audit.jsonl") >= 3  # the three files, checked as one chain
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not sock.exists())
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""

@@ -130,14 +130,14 @@ async def test_inflow_tells_the_client_when_the_audit_log_refuses_and_gives_cred
 
 def _break(log: AuditLog) -> int:
     """Point the log's fd at /dev/full (every write: ENOSPC); the healthy fd to restore."""
-    healthy = log._fd
-    log._fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+    healthy = log._file._fd
+    log._file._fd = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
     return healthy
 
 
 def _mend(log: AuditLog, healthy: int) -> None:
-    os.close(log._fd)
-    log._fd = healthy
+    os.close(log._file._fd)
+    log._file._fd = healthy
 
 
 def test_a_gating_record_that_cannot_be_written_raises_and_leaves_no_trace(
