@@ -236,7 +236,7 @@ def _sessions(files: tuple[str, ...]) -> logview.Sessions:
 def _session(files: tuple[str, ...], session_id: str) -> logview.Summary:
     """One session's summary, from its own records only (found by a memory-speed search)."""
     sessions = logview.Sessions()
-    for e in logfiles.records(files, marker=logfiles.session_marker(session_id)):
+    for e in logfiles.session_records(files, session_id):
         if e.session_id == session_id and e.command_type in logview.SUMMARY_TYPES:
             sessions.feed(e)
     found = sessions.get(session_id)
@@ -251,7 +251,7 @@ def _of_session(
     def want(sid: str | None, kind: str) -> bool:
         return sid == session_id and (kinds is None or kind in kinds)
 
-    return logfiles.records(files, want, marker=logfiles.session_marker(session_id))
+    return logfiles.session_records(files, session_id, want)
 
 
 # --- ls ----------------------------------------------------------------------------------

@@ -46,6 +46,16 @@ def _chunk(rng: random.Random) -> bytes:
     return data
 
 
+def _last_session(path: str) -> str:
+    """The session of a kept log that starts in its last 5 %."""
+    with open(path, "rb") as f:
+        f.seek(int(os.path.getsize(path) * 0.95))
+        for line in f:
+            if b'"command_type":"session_start"' in line:
+                return str(json.loads(line)["session_id"])
+    raise SystemExit(f"{path}: no session starts in its last 5 %")
+
+
 def write_log(path: str, size: int) -> str:
     """The log; the id of the session that starts last."""
     rng = random.Random(7)
@@ -53,13 +63,13 @@ def write_log(path: str, size: int) -> str:
     sessions = [f"bench-session-{i:04d}-xxxxxxxx" for i in range(400)]
     live: list[str] = []
     target = ""
-    while os.fstat(log._fd).st_size < size:
+    while os.path.getsize(path) < size:
         if sessions and (not live or rng.random() < 0.002):
             sid = sessions.pop(0)
             live.append(sid)
             log.note("session_start", user="alice", uid=1000, session_id=sid,
                      metadata={"argv": ["bash"], "rows": 24, "cols": 80, "term": "xterm"})
-            if os.fstat(log._fd).st_size > size * 0.95 and not target:
+            if os.path.getsize(path) > size * 0.95 and not target:
                 target = sid
         sid = rng.choice(live)
         if rng.random() < 0.3:
@@ -93,14 +103,19 @@ def _first_byte(argv: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024)
-    parser.add_argument("--keep", help="write the log here and keep it")
+    parser.add_argument(
+        "--keep", help="write the log here and keep it (a log kept there before is reused)"
+    )
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="aaau-bench-log-", dir="/var/tmp")
     log_dir = args.keep or tmp.name
     os.chmod(log_dir, 0o700)
     path = os.path.join(log_dir, "audit.jsonl")
     t0 = time.perf_counter()
-    target = write_log(path, args.size_mb << 20)
+    if args.keep and os.path.exists(path):
+        target = _last_session(path)
+    else:
+        target = write_log(path, args.size_mb << 20)
     size = os.path.getsize(path)
     results: dict[str, object] = {
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},

@@ -8,7 +8,10 @@ every subcommand reads what the server wrote.
 
 from __future__ import annotations
 
+import gzip
 import json
+import mmap
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,9 @@ from typing import Any
 import pytest
 import trio
 
-from aaau import casts, logcli, logview, replay
+from aaau import casts, logcli, logfiles, logview, replay
 from aaau import messages as m
-from aaau.audit import encode_bytes
+from aaau.audit import AuditLog, encode_bytes
 from aaau.logfiles import Entry
 
 from .helpers import wait_for
@@ -232,3 +235,58 @@ def test_replay_lets_only_text_and_modes_through() -> None:
     shown = flt(b"a\x1b]52;c;c2VjcmV0\x07b\x1b[6nc\x1b]0;t\x07d\x1b[?1049he")
     assert shown == b"abcd\x1b[?1049he"
     assert b"\x1b[?1049l" in flt.modes.undo()  # the alternate screen is left at the end
+
+
+# --- finding a session fast in rotated files ---------------------------------------------------
+
+
+def _rotated_log(log_dir: Path) -> None:
+    """Three files, oldest first: s1 starts in the oldest (compressed) and goes on in the
+    next; s2 starts in the middle one; s3 is only in the newest; s10 (whose id ends in
+    another's) comes last."""
+    log_dir.mkdir(mode=0o700)
+    path = str(log_dir / "audit.jsonl")
+    log = AuditLog(path)
+    log.note("session_start", session_id="s1", content="one")
+    log.write_bytes("output", b"s1 early\r\n", session_id="s1")
+    log.close()
+    os.rename(path, path + ".2")
+    log = AuditLog(path)
+    log.write_bytes("output", b"s1 late\r\n", session_id="s1")
+    log.note("session_start", session_id="s2", content="two")
+    log.write_bytes("output", b"s2 output\r\n", session_id="s2")
+    log.close()
+    os.rename(path, path + ".1")
+    log = AuditLog(path)
+    log.note("session_start", session_id="s3", content="three")
+    log.write_bytes("output", b"s3 output\r\n", session_id="s3")
+    log.note("session_start", session_id="xs1", content="not s1")
+    log.close()
+    with open(path + ".2", "rb") as f, gzip.open(path + ".2.gz", "wb") as z:
+        z.write(f.read())
+    os.remove(path + ".2")
+
+
+@pytest.mark.parametrize(
+    ("session", "outputs"),
+    [("s1", ["s1 early\r\n", "s1 late\r\n"]), ("s2", ["s2 output\r\n"]), ("s3", ["s3 output\r\n"])],
+)
+def test_a_session_is_found_whole_across_rotated_and_compressed_files(
+    tmp_path: Path, session: str, outputs: list[str]
+) -> None:
+    _rotated_log(tmp_path / "log")
+    files = logfiles.LogDir.open(str(tmp_path / "log")).files
+    found = list(logfiles.session_records(files, session))
+    assert found[0].command_type == "session_start"
+    assert [e.content for e in found if e.command_type == "output"] == outputs
+    assert {e.session_id for e in found} == {session}
+
+
+def test_the_search_from_the_end_finds_a_needle_across_a_chunk_boundary(tmp_path: Path) -> None:
+    data = b"x" * 1000 + b"NEEDLE" + b"y" * 1000
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for chunk in (7, 100, 1003, 1004, 5000):  # 1003: the needle straddles the cut
+            assert logfiles._find_from_the_end(mm, b"NEEDLE", chunk) == 1000, chunk
+        assert logfiles._find_from_the_end(mm, b"ABSENT", 100) == -1
