@@ -9,7 +9,13 @@ else nothing: the launcher's rlimits are the last line (RLIMIT_NPROC for the
 identity, RLIMIT_NOFILE per process). :attr:`SessionCgroups.enforced` says
 which, per cap, and ``session_start`` records it.
 
-The hierarchies are found in /proc/mounts, never assumed.
+The hierarchies are found in /proc/mounts, never assumed. Under a systemd
+unit with ``Delegate=yes`` the cgroup2 subtree of the unit is the server's
+(systemd marks it with the ``trusted.delegate`` attribute): the sessions'
+cgroups go below it, so ``systemctl status``, the unit's ``MemoryMax=`` and
+``TasksMax=`` and a restart's ``KillMode=`` cover them; the server moves
+itself to a leaf of its own (``server``), as cgroup2's "no processes in
+inner nodes" rule wants (:func:`take_delegated`).
 """
 
 from __future__ import annotations
@@ -51,16 +57,24 @@ class Caps:
 class Hierarchies:
     """The cgroup hierarchies this machine mounts."""
 
-    v2: Path | None
+    v2: Path | None  # where cgroup2 paths begin: the mount, or a subtree delegated to us
     v1: dict[str, Path] = attrs.field(factory=dict)  # controller -> its v1 mount
+    v2_mount: Path | None = attrs.field(default=attrs.Factory(lambda h: h.v2, takes_self=True))
 
     @classmethod
-    def discover(cls, mounts: str = "/proc/mounts") -> Hierarchies:
+    def discover(cls, mounts: str = "/proc/mounts", own: str = "/proc/self/cgroup") -> Hierarchies:
         try:
             text = Path(mounts).read_text()
         except OSError:
             return cls(None)
-        return cls.parse(text)
+        found = cls.parse(text)
+        if found.v2 is not None and (delegated := _delegated(found.v2, own)) is not None:
+            return attrs.evolve(found, v2=delegated)
+        return found
+
+    @property
+    def delegated(self) -> bool:
+        return self.v2 != self.v2_mount
 
     @classmethod
     def parse(cls, text: str) -> Hierarchies:
@@ -76,6 +90,48 @@ class Hierarchies:
                     if option in CONTROLLERS and option not in v1:
                         v1[option] = Path(fields[1])
         return cls(v2, v1)
+
+
+def _own_cgroup(own: str = "/proc/self/cgroup") -> str | None:
+    """This process's cgroup2 path ("0::/system.slice/aaau.service" -> that path)."""
+    with contextlib.suppress(OSError):
+        for line in Path(own).read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    return None
+
+
+def _delegated(mount: Path, own: str = "/proc/self/cgroup") -> Path | None:
+    """The nearest cgroup at or above ours that systemd delegated (Delegate=yes), if any."""
+    path = _own_cgroup(own)
+    if path is None:
+        return None
+    node = mount / path.lstrip("/")
+    while node != mount and mount in node.parents:
+        with contextlib.suppress(OSError):
+            if os.getxattr(node, "trusted.delegate") == b"1":
+                return node
+        node = node.parent
+    return None
+
+
+#: the leaf of a delegated subtree the server itself lives in
+SERVER_LEAF: Final = "server"
+
+
+def take_delegated(where: Hierarchies) -> Path | None:
+    """In a delegated subtree, move this process out of its top into ``server`` (so
+    controllers can be enabled for the sessions beside it); the leaf, or None."""
+    if not where.delegated or where.v2 is None or where.v2_mount is None:
+        return None
+    own = _own_cgroup()
+    if own is None or where.v2_mount / own.lstrip("/") != where.v2:
+        return None  # already in a leaf below it
+    leaf = where.v2 / SERVER_LEAF
+    with contextlib.suppress(FileExistsError):
+        leaf.mkdir(mode=0o755)
+    (leaf / "cgroup.procs").write_text(str(os.getpid()))
+    return leaf
 
 
 def _write(path: Path, text: str) -> bool:

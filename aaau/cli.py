@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import grp
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from . import attach, client, oplog, provision
+from . import __version__, attach, client, notify, oplog, paths, provision
 from . import messages as m
-from .config import ConfigError, IdentityMode, load
+from .config import Config, ConfigError, IdentityMode, load
 from .terminal import window_size
 
 T = TypeVar("T")
@@ -36,8 +39,7 @@ def _positive(text: str) -> int:
 def _layout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--agent-user",
-        help="the shared agent user, and the prefix of the pool users NAME-01 ... "
-        "(default: agent)",
+        help="the shared agent user, and the prefix of the pool users NAME-01 ... (default: agent)",
     )
     p.add_argument(
         "--agents",
@@ -55,6 +57,7 @@ def _layout_options(p: argparse.ArgumentParser) -> None:
 
 def _server_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aaau-server", description="The aaau PTY bridge server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="create the agent user, groups, directories, PAM service")
     _layout_options(init)
@@ -62,11 +65,21 @@ def _server_parser() -> argparse.ArgumentParser:
     init.add_argument("--sysconf-dir", default="/etc", help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="run the server (as root)")
     _layout_options(run)
+    _run_options(run)
+    return parser
+
+
+def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--config", help="a TOML file of settings (see docs/operating.md)")
     run.add_argument(
         "--daemon", action="store_true", help="go to the background once the socket is ready"
     )
     run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
+    run.add_argument(
+        "--pid-file",
+        help="write the server's pid here once listening (with --daemon, default: "
+        "aaau-server.pid beside the socket)",
+    )
     run.add_argument(
         "--log-level",
         choices=oplog.LEVELS,
@@ -112,7 +125,6 @@ def _server_parser() -> argparse.ArgumentParser:
         const=False,
         help="do not write output records to the audit log",
     )
-    return parser
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -185,14 +197,26 @@ def _run_server(args: argparse.Namespace) -> int:
         print(f"aaau-server: {exc}", file=sys.stderr)
         return 1
     ready_fd = args.ready_fd
+    pid_file = args.pid_file
     if args.daemon:
-        ready_fd = _daemonize(config.log_dir)
+        pid_file = pid_file or os.path.join(os.path.dirname(config.socket), "aaau-server.pid")
+        try:
+            ready_fd = _daemonize(config)
+        except (OSError, KeyError, paths.UnsafePath) as exc:
+            print(f"aaau-server: cannot start in the background: {exc}", file=sys.stderr)
+            return 1
+    notify.take_from_environment()
     oplog.configure(args.log_level)
     server = Server(config, config_file=args.config, overrides=overrides)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
+            if pid_file:
+                _write_pid_file(pid_file)
+            notify.notify(
+                "READY=1", f"STATUS=listening on {config.socket}", f"MAINPID={os.getpid()}"
+            )
             if ready_fd is not None:
                 os.write(ready_fd, b"READY\n")
                 os.close(ready_fd)
@@ -203,25 +227,62 @@ def _run_server(args: argparse.Namespace) -> int:
         leaf = client._leaf(exc)
         if isinstance(leaf, StartupError | OSError):
             print(f"aaau-server: {leaf}", file=sys.stderr)
+            if args.daemon and ready_fd is not None:  # the parent says it where it was started
+                with contextlib.suppress(OSError):
+                    os.write(ready_fd, f"ERROR {leaf}\n".encode())
             return 1
         raise
+    finally:
+        if pid_file:
+            with contextlib.suppress(OSError):
+                if Path(pid_file).read_text().strip() == str(os.getpid()):
+                    os.unlink(pid_file)
     return 0
 
 
-def _daemonize(log_dir: str) -> int:
-    """Fork into the background; the parent exits 0 once the child says READY."""
+def _write_pid_file(path: str) -> None:
+    """The server's pid, for scripts and init systems that want one (0644, replaced whole)."""
+    directory, name = paths.directory_of(path)
+    dir_fd = paths.open_dir(directory)
+    try:
+        tmp = f".{name}.{os.getpid()}"
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd
+        )
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _daemonize(config: Config) -> int:
+    """Fork into the background. The parent waits for the child's word: READY (exit 0),
+    or ERROR and why (printed on the parent's stderr, exit 1), so a failed start says
+    why where it was started. The log directory is made as the server makes it
+    (``root:ADMIN_GROUP 0750``, checked), and ``server.log`` goes there."""
+    admin_gid = grp.getgrnam(config.admin_group).gr_gid
+    os.close(paths.open_dir(config.log_dir, create=(0, admin_gid, 0o750)))
     read_fd, write_fd = os.pipe()
     if os.fork() > 0:
         os.close(write_fd)
-        status = os.read(read_fd, 64)
-        os._exit(0 if status.startswith(b"READY") else 1)
+        with os.fdopen(read_fd, "rb") as pipe:
+            word = pipe.readline().decode(errors="replace").strip()
+        if word == "READY":
+            os._exit(0)
+        why = (
+            word.removeprefix("ERROR ")
+            if word.startswith("ERROR ")
+            else (f"the server stopped while starting; see {config.log_dir}/server.log")
+        )
+        print(f"aaau-server: {why}", file=sys.stderr)
+        os._exit(1)
     os.close(read_fd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
-    os.makedirs(log_dir, exist_ok=True)
     os.dup2(devnull, 0)
     os.close(devnull)
-    oplog.send_to_file(os.path.join(log_dir, "server.log"))
+    oplog.send_to_file(os.path.join(config.log_dir, "server.log"))
     return write_fd
 
 
@@ -236,8 +297,12 @@ def _client_parser() -> argparse.ArgumentParser:
         "aaau asys [-n ID] INSTRUCTION [key=value ...], aaau log {ls,show,replay,grep,export,"
         "verify} (admins; aaau log --help)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "-s", "--socket", default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock")
+        "-s",
+        "--socket",
+        default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock"),
+        help="the server's socket (default: $AAAU_SOCKET, else /run/aaau/aaau.sock)",
     )
     parser.add_argument("-p", "--program", help="the program and its arguments, split like a shell")
     parser.add_argument("-n", "--session", help="join this session")

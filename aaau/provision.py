@@ -23,6 +23,7 @@ import pwd
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ account  required  pam_permit.so
 session  required  pam_limits.so
 session  optional  pam_unix.so
 """
+
 
 class InitError(Exception):
     pass
@@ -144,11 +146,72 @@ def render_tmpfiles(layout: Layout, ours: Callable[[str], bool] = lambda _path: 
             ]
             return [line for line in homes if ours(line[1])]
         fields[1] = paths.get(fields[1], fields[1])
+        if fields[0].startswith("a"):  # an ACL: group:aaau-admin:r-x
+            fields[6] = fields[6].replace(":aaau-admin:", f":{layout.admin_group}:")
         fields[3] = names.get(fields[3], fields[3])
         fields[4] = names.get(fields[4], fields[4])
         return [fields] if ours(fields[1]) else []
 
     return _render(_template("tmpfiles.conf"), sub)
+
+
+def server_program() -> str:
+    """The ``aaau-server`` a unit runs: on PATH, else beside this Python (a venv)."""
+    found = shutil.which("aaau-server")
+    if found is None:
+        beside = os.path.join(os.path.dirname(sys.executable), "aaau-server")
+        found = beside if os.access(beside, os.X_OK) else "/usr/local/bin/aaau-server"
+    return os.path.abspath(found)
+
+
+def run_options(layout: Layout) -> list[str]:
+    """The ``aaau-server run`` options that repeat what init was given (non-defaults)."""
+    default = Layout()
+    options = []
+    for name, flag in (
+        ("agent_user", "--agent-user"),
+        ("agents", "--agents"),
+        ("pam_service", "--pam-service"),
+        ("group", "--group"),
+        ("admin_group", "--admin-group"),
+        ("socket", "--socket"),
+        ("log_dir", "--log-dir"),
+    ):
+        value = getattr(layout, name)
+        if value != getattr(default, name):
+            options += [flag, str(value)]
+    return options
+
+
+def unit_name(layout: Layout) -> str:
+    """This instance's unit name: ``aaau``, or ``aaau-GROUP`` for another group."""
+    return layout.conf_name.removesuffix(".conf")
+
+
+def render_units(
+    layout: Layout, program: str | None = None, *, gated: bool = True
+) -> dict[str, str]:
+    """``{file name: text}`` of the service and socket units for this instance.
+
+    ``gated``: the socket's directory is aaau's (tmpfiles makes it ``root:GROUP
+    0750`` with the admins' ACL), so the socket itself may be ``0666``; else it
+    is ``0660 root:GROUP`` (a directory such as /run lets everyone through).
+    """
+    name = unit_name(layout)
+    command = shlex.join([program or server_program(), "run", *run_options(layout)])
+    service = _template("aaau.service")
+    service = service.replace("ExecStart=/usr/local/bin/aaau-server run", f"ExecStart={command}")
+    service = service.replace(
+        "Requires=aaau.socket\nAfter=aaau.socket", f"Requires={name}.socket\nAfter={name}.socket"
+    )
+    socket_unit = _template("aaau.socket")
+    socket_unit = socket_unit.replace(
+        "ListenStream=/run/aaau/aaau.sock", f"ListenStream={layout.socket}"
+    )
+    socket_unit = socket_unit.replace("SocketGroup=aaau", f"SocketGroup={layout.group}")
+    if not gated:
+        socket_unit = socket_unit.replace("SocketMode=0666", "SocketMode=0660")
+    return {f"{name}.service": service, f"{name}.socket": socket_unit}
 
 
 def render_logrotate(layout: Layout) -> str:
@@ -282,6 +345,14 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
         str(sysusers_conf): _write(sysusers_conf, sysusers, 0o644),
         str(tmpfiles_conf): _write(tmpfiles_conf, tmpfiles, 0o644),
         str(logrotate_conf): _write(logrotate_conf, render_logrotate(layout), 0o644),
+        **{
+            str(etc / "systemd" / "system" / file): _write(
+                etc / "systemd" / "system" / file, text, 0o644
+            )
+            for file, text in render_units(
+                layout, gated=os.path.dirname(layout.socket) in _listed_in(tmpfiles)
+            ).items()
+        },
         # PAM only looks in /etc/pam.d, whatever --sysconf-dir says
         f"/etc/pam.d/{layout.pam_service}": _write(
             Path("/etc/pam.d") / layout.pam_service, PAM_SERVICE_TEXT, 0o644
@@ -299,8 +370,12 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
         out(f"not ours  {directory} (it existed before: aaau-server run checks it at start)")
     out("")
     out("Next: add the people who may use agents to the group, then start the server:")
-    out(
-        f"  usermod -aG {layout.group} NAME      (admins: usermod -aG "
-        f"{layout.group},{layout.admin_group} NAME)"
-    )
-    out("  aaau-server run")
+    out(f"  usermod -aG {layout.group} NAME      (admins: usermod -aG {layout.admin_group} NAME)")
+    name = unit_name(layout)
+    if os.path.isdir("/run/systemd/system"):  # systemd is the init system
+        out(f"  systemctl daemon-reload && systemctl enable --now {name}.socket {name}.service")
+    else:
+        out(f"  {shlex.join(['aaau-server', 'run', '--daemon', *run_options(layout)])}")
+        out(
+            f"  (no systemd here: {name}.service and {name}.socket are installed for when there is)"
+        )

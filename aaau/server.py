@@ -21,16 +21,16 @@ from typing import Any, Final
 import structlog
 import trio
 
-from . import asys, credentials, oplog
+from . import asys, credentials, notify, oplog
 from .audit import AuditLog
-from .cgroups import Hierarchies
+from .cgroups import Hierarchies, take_delegated
 from .config import Config, load
 from .connection import Connection, Hub
 from .errors import StartupError
 from .identities import Identities
 from .journal import JournalSink
 from .journal import Mode as JournalMode
-from .listener import listen
+from .listener import activated, listen
 from .policy import Groups
 from .recovery import BaseLock, Ledger, recover
 from .sessions import Sessions
@@ -82,6 +82,7 @@ class Server:
         self._spawner = spawner
         self._shutdown = trio.Event()
         self._sessions: Sessions | None = None
+        self._activated: int | None = None  # the fd of a socket systemd passed
 
     def stop(self) -> None:
         self._shutdown.set()
@@ -118,6 +119,10 @@ class Server:
             raise StartupError("aaau-server run must be started as root")
         _raise_fd_limit()
         cfg = self.config
+        if (leaf := take_delegated(Hierarchies.discover())) is not None:
+            log.info(
+                "cgroup-delegated", server=str(leaf), sessions=str(leaf.parent / cfg.cgroup_base)
+            )
         identities = Identities(cfg)
         groups = credentials.resolve_groups(identities.agent_uids(), cfg.group, cfg.admin_group)
         identities.check(groups)
@@ -126,7 +131,10 @@ class Server:
             audit.journal = JournalSink(cfg.journald, cfg.journal_socket)
         with contextlib.ExitStack() as held:
             held.callback(audit.close)
-            listener, lock = await listen(cfg.socket, groups.human_gid or 0)
+            self._activated = activated()
+            listener, lock = await listen(
+                cfg.socket, groups.human_gid or 0, groups.admin_gid, inherited=self._activated
+            )
             held.callback(lock.release)
             held.callback(self._remove_socket, listener)
             identities.lock()
@@ -162,8 +170,9 @@ class Server:
 
     def _remove_socket(self, listener: trio.SocketListener) -> None:
         listener.socket.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket)
+        if self._activated is None:  # systemd's socket stays: it starts us again
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket)
 
     async def _serve(
         self,
@@ -189,9 +198,13 @@ class Server:
         await Connection(stream, self._hub).serve()
 
     async def _shut_down(self, sessions: Sessions) -> None:
-        """No new clients; every client told; every agent ended, within a deadline."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket)
+        """No new clients; every client told; every agent ended, within a deadline.
+
+        A socket systemd passed stays: a client that connects now waits in its
+        queue for the next start (that is what socket activation is for)."""
+        if self._activated is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket)
         sessions.shutdown()
         with trio.move_on_after(self.config.shutdown_grace + 2 * self.config.kill_grace):
             await sessions.wait_all_ended()
@@ -206,11 +219,19 @@ class Server:
                     self.reload()
                 else:
                     log.info("shutdown", signal=signal.Signals(signum).name)
+                    notify.notify("STOPPING=1", "STATUS=stopping: ending sessions")
                     self.stop()
                     return
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and group membership, apply them to everyone."""
+        notify.reloading()
+        try:
+            self._reload()
+        finally:
+            notify.notify("READY=1", f"STATUS=listening on {self.config.socket}")
+
+    def _reload(self) -> None:
         hub = self._hub
         try:
             fresh = load(self.config_file).with_overrides(**self.overrides)
@@ -222,9 +243,7 @@ class Server:
         cfg = fresh.with_overrides(
             **{name: getattr(self.config, name) for name in RESTART_ONLY},
         )
-        groups = credentials.resolve_groups(
-            hub.sessions.agent_uids(), cfg.group, cfg.admin_group
-        )
+        groups = credentials.resolve_groups(hub.sessions.agent_uids(), cfg.group, cfg.admin_group)
         self._reopen_log()
         try:
             hub.audit.reopen(gid=groups.admin_gid)

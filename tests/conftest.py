@@ -163,8 +163,10 @@ async def start_server(
         socket_path: Path | None = None,
         log_dir: Path | None = None,
         wrapper: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> ServerProc:
-        """``wrapper``: a command to run the server under (``prlimit ... --``)."""
+        """``wrapper``: a command to run the server under (``prlimit ... --``);
+        ``pass_fds``: more fds it inherits (a socket for activation)."""
         n = next(_counter)
         log_dir = log_dir or base_dir / f"log-{n}"
         sock = socket_path or base_dir / f"run-{n}" / "aaau.sock"
@@ -179,7 +181,7 @@ async def start_server(
         process = await nursery.start(
             lambda task_status: trio.run_process(
                 argv,
-                pass_fds=(w,),
+                pass_fds=(w, *pass_fds),
                 cwd="/",
                 check=False,
                 env=env or server_env(),

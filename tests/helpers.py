@@ -32,8 +32,9 @@ ADMIN_GROUP = f"{PREFIX}-admins"
 ALICE = f"{PREFIX}-alice"  # member
 BOB = f"{PREFIX}-bob"  # member
 EVE = f"{PREFIX}-eve"  # not a member
-ADA = f"{PREFIX}-ada"  # admin (and member, to reach the socket)
-USERS = {ALICE: [GROUP], BOB: [GROUP], EVE: [], ADA: [GROUP, ADMIN_GROUP]}
+ADA = f"{PREFIX}-ada"  # admin (and member)
+ADLER = f"{PREFIX}-adler"  # admin only: reaches the socket through its ACL
+USERS = {ALICE: [GROUP], BOB: [GROUP], EVE: [], ADA: [GROUP, ADMIN_GROUP], ADLER: [ADMIN_GROUP]}
 
 #: tests that need euid 0 (real users, setuid, chown); skipped otherwise (see conftest)
 root = pytest.mark.root

@@ -658,7 +658,18 @@ async def test_daemon_mode_returns_once_the_socket_is_ready(
         assert records[0]["command_type"] == "server_start"
         # its own session (setsid), away from the shell that started it
         assert Path(f"/proc/{pid}/stat").read_text().split()[5] == str(pid)
+        pid_file = sock.parent / "aaau-server.pid"
+        assert pid_file.read_text() == f"{pid}\n" and stat.S_IMODE(pid_file.stat().st_mode) == 0o644
+        logs = os.stat(log_dir)  # made as the server makes it, not 0755 root:root
+        assert (stat.S_IMODE(logs.st_mode), logs.st_gid) == (0o750, gid_of(ADMIN_GROUP))
+        # a second one cannot start, and says why where it was started
+        again = await trio.run_process(
+            server_argv(sock, log_dir, "--daemon"), cwd="/", check=False, capture_stderr=True
+        )
+        assert again.returncode == 1
+        assert again.stderr.decode().startswith("aaau-server: another aaau server holds")
     finally:
         os.kill(pid, signal.SIGTERM)
     await wait_for(lambda: not sock.exists())
+    assert not pid_file.exists()  # removed at the end
     assert (log_dir / "server.log").exists()

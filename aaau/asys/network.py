@@ -62,7 +62,7 @@ async def _run_nft(args: list[str], script: str | None = None) -> bytes:
 
 
 def _rule_match(cgroup: Path) -> str:
-    mount = Hierarchies.discover().v2
+    mount = Hierarchies.discover().v2_mount
     try:
         relative = cgroup.relative_to(_NFT_CGROUP_ROOT)
         level = len(cgroup.relative_to(mount).parts) if mount else 0
