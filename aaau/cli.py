@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import grp
+import json
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from . import __version__, attach, client, notify, oplog, paths, provision
+from . import __version__, attach, client, codec, notify, oplog, paths, provision
 from . import messages as m
-from .config import Config, ConfigError, IdentityMode, load
+from .config import Config, ConfigError, IdentityMode, default_path, load
 from .terminal import window_size
 
 T = TypeVar("T")
@@ -27,6 +28,14 @@ ALIASES = {
 
 
 # --- aaau-server -----------------------------------------------------------------------
+
+
+def _grant(text: str) -> tuple[str, tuple[str, ...]]:
+    instruction, eq, groups = text.partition("=")
+    names = tuple(g for g in groups.split(",") if g)
+    if not eq or not instruction or not names:
+        raise argparse.ArgumentTypeError(f"INSTRUCTION=GROUP[,GROUP], got {text!r}")
+    return instruction.upper(), names
 
 
 def _positive(text: str) -> int:
@@ -66,11 +75,41 @@ def _server_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the server (as root)")
     _layout_options(run)
     _run_options(run)
+    check = sub.add_parser(
+        "check-config",
+        help="read the configuration as run would, say what is wrong or print it",
+        description="Read the config file (--config, else /etc/aaau/aaau.toml if it exists) "
+        "with the options given, as `run` would; exit 0 and print the settings (--json: as "
+        "JSON), or exit 1 and say what is wrong.",
+    )
+    _layout_options(check)
+    _run_options(check)
+    check.add_argument("--json", action="store_true", help="print the settings as JSON")
     return parser
 
 
 def _run_options(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--config", help="a TOML file of settings (see docs/operating.md)")
+    run.add_argument(
+        "--config",
+        help="a TOML file of settings (docs/operating.md; default: /etc/aaau/aaau.toml if it "
+        "exists)",
+    )
+    run.add_argument(
+        "--svc-allow",
+        action="append",
+        dest="svc_allowlist",
+        metavar="SERVICE",
+        help="a service ASys SVC_RESTART may restart (repeatable; replaces svc_allowlist)",
+    )
+    run.add_argument(
+        "--asys-grant",
+        action="append",
+        type=_grant,
+        dest="asys_grants",
+        metavar="INSTRUCTION=GROUP[,GROUP]",
+        help="let these groups' Interactive members call an ASys instruction (repeatable; "
+        "replaces asys_grants)",
+    )
     run.add_argument(
         "--daemon", action="store_true", help="go to the background once the socket is ready"
     )
@@ -153,7 +192,47 @@ def server_main(argv: list[str] | None = None) -> int:
             print(f"aaau-server init: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "check-config":
+        return _check_config(args)
     return _run_server(args)
+
+
+def _settings(args: argparse.Namespace) -> tuple[Config, dict[str, Any], str | None]:
+    """The config file's settings with the command line's over them; raises ConfigError."""
+    overrides = {k: getattr(args, k) for k in _OVERRIDES}
+    if overrides.get("svc_allowlist") is not None:
+        overrides["svc_allowlist"] = tuple(overrides["svc_allowlist"])
+    if overrides.get("asys_grants") is not None:
+        overrides["asys_grants"] = dict(overrides["asys_grants"])
+    path = default_path(args.config)
+    try:
+        return load(path).with_overrides(**overrides), overrides, path
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config, _, path = _settings(args)
+    except ConfigError as exc:
+        print(f"aaau-server: {exc}", file=sys.stderr)
+        return 1
+    problems = []
+    for name in (config.group, config.admin_group):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            problems.append(f"group {name} does not exist (aaau-server init makes it)")
+    settings = codec.converter.unstructure(config)
+    if args.json:
+        print(json.dumps({"config_file": path, "problems": problems, "settings": settings}))
+    else:
+        print(f"# {path or 'no config file: the defaults'}")
+        for key, value in settings.items():
+            print(f"{key} = {json.dumps(value)}")
+        for problem in problems:
+            print(f"aaau-server: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 #: the options of `run` that override the config file
@@ -182,6 +261,8 @@ _OVERRIDES = (
     "record_output",
     "journald",
     "journal_socket",
+    "svc_allowlist",
+    "asys_grants",
 )
 
 
@@ -190,10 +271,9 @@ def _run_server(args: argparse.Namespace) -> int:
 
     from .server import Server, StartupError
 
-    overrides = {k: getattr(args, k) for k in _OVERRIDES}
     try:
-        config = load(args.config).with_overrides(**overrides)
-    except (ConfigError, ValueError) as exc:
+        config, overrides, config_file = _settings(args)
+    except ConfigError as exc:
         print(f"aaau-server: {exc}", file=sys.stderr)
         return 1
     ready_fd = args.ready_fd
@@ -207,7 +287,7 @@ def _run_server(args: argparse.Namespace) -> int:
             return 1
     notify.take_from_environment()
     oplog.configure(args.log_level)
-    server = Server(config, config_file=args.config, overrides=overrides)
+    server = Server(config, config_file=config_file, overrides=overrides)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -6,7 +6,11 @@ The attached client (a terminal or pipes and one session) is :mod:`aaau.attach`.
 from __future__ import annotations
 
 import contextlib
+import errno
+import grp
 import json
+import os
+import pwd
 import shlex
 import sys
 import time
@@ -87,8 +91,47 @@ async def connect(path: str) -> Link:
     try:
         stream = await trio.open_unix_socket(path)
     except OSError as exc:
-        raise ClientError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        raise ClientError(explain_connect(path, exc)) from None
     return Link(stream)
+
+
+def explain_connect(path: str, exc: OSError) -> str:
+    """Why a connection failed, said so that a newcomer knows what to do next."""
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return (
+            f"no aaau server is running at {path} (an admin starts it: systemctl start "
+            "aaau.socket, or aaau-server run --daemon; another server: -s PATH or $AAAU_SOCKET)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"cannot reach {path}: {_why_denied(path)}"
+    return f"cannot connect to {path}: {exc.strerror or exc}"
+
+
+def _why_denied(path: str) -> str:
+    """Permission denied: not in the group, or in it since a login that predates it."""
+    gid = None
+    for where in (path, os.path.dirname(path)):
+        with contextlib.suppress(OSError):
+            gid = os.stat(where).st_gid
+            if gid != 0:
+                break
+    try:
+        group = grp.getgrgid(gid).gr_name if gid is not None else None
+    except KeyError:
+        group = None
+    if group is None:
+        return "permission denied"
+    user = pwd.getpwuid(os.getuid()).pw_name
+    listed = user in grp.getgrnam(group).gr_mem
+    if listed and gid not in os.getgroups():
+        return (
+            f"you were added to group {group} after this login: log in again (or run "
+            f"`newgrp {group}`) so that your processes carry it"
+        )
+    return (
+        f"permission denied: you ({user}) are not in group {group} (admins: in the admin group); "
+        f"ask an admin to run `usermod -aG {group} {user}`, then log in again"
+    )
 
 
 def fail_on_error(reply: m.ServerMessage) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -174,12 +176,34 @@ class ConfigError(Exception):
     pass
 
 
+#: the configuration read when no --config is given, if it exists
+DEFAULT_PATH = "/etc/aaau/aaau.toml"
+
+
+def default_path(given: str | None) -> str | None:
+    """``given``, else :data:`DEFAULT_PATH` if it exists, else None (the defaults)."""
+    if given is not None:
+        return given
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None
+
+
 def load(path: str | Path | None) -> Config:
-    """The configuration in ``path`` (a TOML table of Config's fields), or defaults."""
+    """The configuration in ``path`` (a TOML table of Config's fields), or defaults.
+
+    Root reads it, so, as sshd does, it must be root's and writable by root
+    only: anyone who could write it could choose the agents' program.
+    """
     if path is None:
         return Config()
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+                raise ConfigError(
+                    f"config {path} is writable by someone other than root "
+                    f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
+                    f"chown root {path} && chmod go-w {path}"
+                )
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None

@@ -85,13 +85,16 @@ class Sessions:
         if len(self._sessions) >= cfg.max_sessions:
             raise RequestError(
                 f"the server already runs {len(self._sessions)} sessions "
-                f"(limit {cfg.max_sessions})",
+                f"(limit {cfg.max_sessions}): see them with `aaau ls`; an admin can end one "
+                "with `aaau kill ID`",
                 code=ErrorCode.LIMIT,
             )
         mine = sum(1 for s in self._sessions.values() if s.creator.uid == identity.uid)
         if mine >= cfg.sessions_per_user:
             raise RequestError(
-                f"{identity.user} already runs {mine} sessions (limit {cfg.sessions_per_user})",
+                f"{identity.user} already runs {mine} sessions (limit {cfg.sessions_per_user}): "
+                "see yours with `aaau ls`, end one with `aaau kill ID` "
+                "or join it with `aaau -n ID`",
                 code=ErrorCode.LIMIT,
             )
 

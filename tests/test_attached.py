@@ -337,7 +337,11 @@ async def test_limits_are_enforced_with_clear_errors(tmp_path: Path, nursery: tr
     sid = welcome.session_id
     again = await ip.connect("alice", m.Create(V, rows=24, cols=80, term="xterm", argv=("cat",)))
     error = await again.expect(m.Error)
-    assert error == m.Error("limit", "alice already runs 1 sessions (limit 1)")
+    assert error == m.Error(
+        "limit",
+        "alice already runs 1 sessions (limit 1): see yours with `aaau ls`, end one with "
+        "`aaau kill ID` or join it with `aaau -n ID`",
+    )
     for _ in range(2):
         _, reply = await ip.join("bob", sid)
         assert isinstance(reply, m.Welcome)

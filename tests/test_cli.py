@@ -26,6 +26,7 @@ from .helpers import (
     AGENT,
     ALICE,
     BOB,
+    EVE,
     GROUP,
     HOMES,
     PAM_SERVICE,
@@ -154,7 +155,9 @@ async def test_argv_is_never_reparsed_by_a_shell(server: ServerProc, base_dir: P
 async def test_client_errors_exit_255_with_one_line(server: ServerProc, base_dir: Path) -> None:
     result = await run_cli(ALICE, ["-p", "true"], base_dir / "nowhere.sock")
     assert result.returncode == 255
-    assert result.stderr.decode().startswith("aaau: cannot connect to")
+    assert result.stderr.decode().startswith(
+        f"aaau: no aaau server is running at {base_dir / 'nowhere.sock'} (an admin starts it"
+    )
     assert result.stderr.count(b"\n") == 1
     result = await run_cli(ALICE, ["-n", "no-such-session"], server.socket)
     assert result.returncode == 255
@@ -394,3 +397,26 @@ def test_init_writes_no_tmpfiles_line_for_a_directory_it_does_not_own(
     assert str(existing) not in conf
     assert f"not ours  {existing} (it existed before" in result.stdout
     assert stat.S_IMODE(os.stat(existing).st_mode) == 0o755  # left as it was
+
+
+async def test_permission_denied_says_which_group_and_what_to_do(server: ServerProc) -> None:
+    result = await run_cli(EVE, ["ls"], server.socket)  # not in the group
+    assert result.returncode == 255
+    assert result.stderr.decode() == (
+        f"aaau: cannot reach {server.socket}: permission denied: you ({EVE}) are not in group "
+        f"{GROUP} (admins: in the admin group); ask an admin to run `usermod -aG {GROUP} {EVE}`, "
+        "then log in again\n"
+    )
+    subprocess.run(["gpasswd", "-a", EVE, GROUP], check=True, capture_output=True)
+    try:  # in the group now, but this "login" (its process's groups) predates it
+        kwargs = as_client(EVE, server.socket)
+        kwargs["extra_groups"] = []
+        stale = await trio.run_process(
+            [PY, "-m", "aaau", "ls"], capture_stderr=True, check=False, **kwargs
+        )
+    finally:
+        subprocess.run(["gpasswd", "-d", EVE, GROUP], check=True, capture_output=True)
+    assert stale.returncode == 255
+    assert f"you were added to group {GROUP} after this login: log in again" in (
+        stale.stderr.decode()
+    )

@@ -1,8 +1,11 @@
 """Spawn plans, the audit writer and init's rendering: pure or local, no server."""
 
 import base64
+import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import attrs
@@ -214,4 +217,69 @@ def test_bound_audit_fills_in_who_and_never_changes_in_place(tmp_path: Path) -> 
     )
     assert first["source"] == "human" and first["metadata"] == {"client_id": 3, "extra": 1}
     assert (second["user"], second["role"], second["metadata"]) == ("-", None, {})
-    assert (third["role"], third["source"], third["metadata"]) == ("readonly", "system", {"client_id": 3})
+    assert (third["role"], third["source"], third["metadata"]) == (
+        "readonly",
+        "system",
+        {"client_id": 3},
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the check is root's: root reads the file")
+def test_a_config_file_others_could_write_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "aaau.toml"
+    path.write_text("max_sessions = 3\n")
+    path.chmod(0o664)
+    with pytest.raises(ConfigError, match=r"writable by someone other than root.*chmod go-w"):
+        load(path)
+    path.chmod(0o644)
+    os.chown(path, 65534, 0)
+    with pytest.raises(ConfigError, match="owner uid 65534"):
+        load(path)
+
+
+def _check_config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aaau",
+            "server",
+            "check-config",
+            "--group",
+            "root",
+            "--admin-group",
+            "root",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_check_config_prints_the_settings_with_the_flags_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "aaau.toml"
+    path.write_text('max_sessions = 3\nsvc_allowlist = ["cron"]\n')
+    result = _check_config(
+        "--config", str(path), "--svc-allow", "nginx", "--asys-grant", "sys_procs=dev,ops", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["config_file"] == str(path) and found["problems"] == []
+    settings = found["settings"]
+    assert settings["max_sessions"] == 3 and settings["svc_allowlist"] == ["nginx"]
+    assert settings["asys_grants"] == {"SYS_PROCS": ["dev", "ops"]}
+
+
+def test_check_config_says_what_is_wrong(tmp_path: Path) -> None:
+    path = tmp_path / "aaau.toml"
+    path.write_text('max_sessions = "many"\n')
+    result = _check_config("--config", str(path))
+    assert result.returncode == 1 and not result.stdout
+    assert result.stderr.startswith(f"aaau-server: invalid config {path}:")
+    assert "max_sessions" in result.stderr
+    missing = _check_config("--group", "aaut-no-such-group")
+    assert missing.returncode == 1
+    assert "group aaut-no-such-group does not exist" in missing.stderr
+    flag = _check_config("--asys-grant", "SYS_PROCS")
+    assert flag.returncode == 2 and "INSTRUCTION=GROUP[,GROUP]" in flag.stderr
