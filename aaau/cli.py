@@ -1,22 +1,20 @@
-"""Command lines: ``aaau-server {init,run}`` and ``aaau``."""
+"""``aaau``: create, join, list, inspect and kill sessions; ASys calls.
+
+``aaau log`` is :mod:`aaau.logcli`; ``aaau-server`` is :mod:`aaau.servercli`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import grp
-import json
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import NoReturn, TypeVar
 
-from . import __version__, attach, client, codec, notify, oplog, paths, provision
+from . import __version__, attach, client
 from . import messages as m
-from .config import Config, ConfigError, IdentityMode, default_path, load
 from .terminal import window_size
 
 T = TypeVar("T")
@@ -27,375 +25,36 @@ ALIASES = {
 }
 
 
-# --- aaau-server -----------------------------------------------------------------------
-
-
-def _grant(text: str) -> tuple[str, tuple[str, ...]]:
-    instruction, eq, groups = text.partition("=")
-    names = tuple(g for g in groups.split(",") if g)
-    if not eq or not instruction or not names:
-        raise argparse.ArgumentTypeError(f"INSTRUCTION=GROUP[,GROUP], got {text!r}")
-    return instruction.upper(), names
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _layout_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--agent-user",
-        help="the shared agent user, and the prefix of the pool users NAME-01 ... (default: agent)",
-    )
-    p.add_argument(
-        "--agents",
-        type=_positive,
-        dest="agent_pool",
-        metavar="N",
-        help="how many pool users there are: one per member, or per session (default: 32)",
-    )
-    p.add_argument("--pam-service", help="the PAM service of agent sessions (default: aaau)")
-    p.add_argument("--group", help="the group of people who may use agents (default: aaau)")
-    p.add_argument("--admin-group", help="the admins' group (default: aaau-admin)")
-    p.add_argument("--socket", help="the Unix socket (default: /run/aaau/aaau.sock)")
-    p.add_argument("--log-dir", help="the audit log directory (default: /var/log/aaau)")
-
-
-def _server_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aaau-server", description="The aaau PTY bridge server.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    init = sub.add_parser("init", help="create the agent user, groups, directories, PAM service")
-    _layout_options(init)
-    init.add_argument("--home", help="the agent user's home (default: /var/lib/aaau/USER)")
-    init.add_argument("--sysconf-dir", default="/etc", help=argparse.SUPPRESS)
-    run = sub.add_parser("run", help="run the server (as root)")
-    _layout_options(run)
-    _run_options(run)
-    check = sub.add_parser(
-        "check-config",
-        help="read the configuration as run would, say what is wrong or print it",
-        description="Read the config file (--config, else /etc/aaau/aaau.toml if it exists) "
-        "with the options given, as `run` would; exit 0 and print the settings (--json: as "
-        "JSON), or exit 1 and say what is wrong.",
-    )
-    _layout_options(check)
-    _run_options(check)
-    check.add_argument("--json", action="store_true", help="print the settings as JSON")
-    return parser
-
-
-def _run_options(run: argparse.ArgumentParser) -> None:
-    run.add_argument(
-        "--config",
-        help="a TOML file of settings (docs/operating.md; default: /etc/aaau/aaau.toml if it "
-        "exists)",
-    )
-    run.add_argument(
-        "--svc-allow",
-        action="append",
-        dest="svc_allowlist",
-        metavar="SERVICE",
-        help="a service ASys SVC_RESTART may restart (repeatable; replaces svc_allowlist)",
-    )
-    run.add_argument(
-        "--asys-grant",
-        action="append",
-        type=_grant,
-        dest="asys_grants",
-        metavar="INSTRUCTION=GROUP[,GROUP]",
-        help="let these groups' Interactive members call an ASys instruction (repeatable; "
-        "replaces asys_grants)",
-    )
-    run.add_argument(
-        "--daemon", action="store_true", help="go to the background once the socket is ready"
-    )
-    run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
-    run.add_argument(
-        "--pid-file",
-        help="write the server's pid here once listening (with --daemon, default: "
-        "aaau-server.pid beside the socket)",
-    )
-    run.add_argument(
-        "--log-level",
-        choices=oplog.LEVELS,
-        default="info",
-        help="the least important events the operational log shows (default: info)",
-    )
-    run.add_argument(
-        "--identity",
-        type=IdentityMode,
-        choices=list(IdentityMode),
-        help="who agents run as: an agent user per member (default), per session, or one "
-        "shared by all (no isolation between members)",
-    )
-    run.add_argument("--state-dir", help="root's state: member bindings (default: /var/lib/aaau)")
-    run.add_argument(
-        "--cgroup-base", help="the sessions' cgroups go below this name (default: aaau)"
-    )
-    limits = run.add_argument_group("limits (defaults in docs/operating.md)")
-    for name, kind, text in (
-        ("handshake-timeout", float, "seconds a new connection has to say hello"),
-        ("max-frame", int, "largest frame accepted from a client, in bytes"),
-        ("clients-per-session", int, "clients attached to one session"),
-        ("max-sessions", int, "sessions in all"),
-        ("sessions-per-user", int, "sessions one person may create"),
-        ("scrollback-bytes", int, "output kept for late joiners"),
-        ("client-queue-bytes", int, "unsent output before a client is dropped as too slow"),
-        ("kill-grace", float, "seconds between SIGTERM and SIGKILL"),
-        ("session-pids-max", int, "processes in one session"),
-        ("session-memory-max", int, "bytes of memory for one session (0: no cap)"),
-        ("session-nofile", int, "open files per agent process"),
-    ):
-        limits.add_argument(f"--{name}", type=kind, help=text)
-    run.add_argument(
-        "--journald",
-        choices=["off", "events", "all"],
-        help="copy audit records to the journal: every record but output, or all (default: off)",
-    )
-    run.add_argument("--journal-socket", help=argparse.SUPPRESS)  # tests: a journald of theirs
-    run.add_argument(
-        "--no-record-output",
-        dest="record_output",
-        action="store_const",
-        const=False,
-        help="do not write output records to the audit log",
-    )
-
-
-def server_main(argv: list[str] | None = None) -> int:
-    args = _server_parser().parse_args(argv)
-    if args.command == "init":
-        layout = provision.Layout(
-            **{
-                k: v
-                for k, v in {
-                    "agent_user": args.agent_user,
-                    "group": args.group,
-                    "admin_group": args.admin_group,
-                    "socket": args.socket,
-                    "log_dir": args.log_dir,
-                    "home": args.home,
-                    "sysconf_dir": args.sysconf_dir,
-                    "agents": args.agent_pool,
-                    "pam_service": args.pam_service,
-                }.items()
-                if v is not None
-            }
-        )
-        try:
-            provision.init(layout)
-        except provision.InitError as exc:
-            print(f"aaau-server init: {exc}", file=sys.stderr)
-            return 1
-        return 0
-    if args.command == "check-config":
-        return _check_config(args)
-    return _run_server(args)
-
-
-def _settings(args: argparse.Namespace) -> tuple[Config, dict[str, Any], str | None]:
-    """The config file's settings with the command line's over them; raises ConfigError."""
-    overrides = {k: getattr(args, k) for k in _OVERRIDES}
-    if overrides.get("svc_allowlist") is not None:
-        overrides["svc_allowlist"] = tuple(overrides["svc_allowlist"])
-    if overrides.get("asys_grants") is not None:
-        overrides["asys_grants"] = dict(overrides["asys_grants"])
-    path = default_path(args.config)
-    try:
-        return load(path).with_overrides(**overrides), overrides, path
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    try:
-        config, _, path = _settings(args)
-    except ConfigError as exc:
-        print(f"aaau-server: {exc}", file=sys.stderr)
-        return 1
-    problems = []
-    for name in (config.group, config.admin_group):
-        try:
-            grp.getgrnam(name)
-        except KeyError:
-            problems.append(f"group {name} does not exist (aaau-server init makes it)")
-    settings = codec.converter.unstructure(config)
-    if args.json:
-        print(json.dumps({"config_file": path, "problems": problems, "settings": settings}))
-    else:
-        print(f"# {path or 'no config file: the defaults'}")
-        for key, value in settings.items():
-            print(f"{key} = {json.dumps(value)}")
-        for problem in problems:
-            print(f"aaau-server: {problem}", file=sys.stderr)
-    return 1 if problems else 0
-
-
-#: the options of `run` that override the config file
-_OVERRIDES = (
-    "agent_user",
-    "agent_pool",
-    "pam_service",
-    "identity",
-    "state_dir",
-    "cgroup_base",
-    "session_pids_max",
-    "session_memory_max",
-    "session_nofile",
-    "group",
-    "admin_group",
-    "socket",
-    "log_dir",
-    "handshake_timeout",
-    "max_frame",
-    "clients_per_session",
-    "max_sessions",
-    "sessions_per_user",
-    "scrollback_bytes",
-    "client_queue_bytes",
-    "kill_grace",
-    "record_output",
-    "journald",
-    "journal_socket",
-    "svc_allowlist",
-    "asys_grants",
-)
-
-
-def _run_server(args: argparse.Namespace) -> int:
-    import trio
-
-    from .server import Server, StartupError
-
-    try:
-        config, overrides, config_file = _settings(args)
-    except ConfigError as exc:
-        print(f"aaau-server: {exc}", file=sys.stderr)
-        return 1
-    ready_fd = args.ready_fd
-    pid_file = args.pid_file
-    if args.daemon:
-        pid_file = pid_file or os.path.join(os.path.dirname(config.socket), "aaau-server.pid")
-        try:
-            ready_fd = _daemonize(config)
-        except (OSError, KeyError, paths.UnsafePath) as exc:
-            print(f"aaau-server: cannot start in the background: {exc}", file=sys.stderr)
-            return 1
-    notify.take_from_environment()
-    oplog.configure(args.log_level)
-    server = Server(config, config_file=config_file, overrides=overrides)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            if pid_file:
-                _write_pid_file(pid_file)
-            notify.notify(
-                "READY=1", f"STATUS=listening on {config.socket}", f"MAINPID={os.getpid()}"
-            )
-            if ready_fd is not None:
-                os.write(ready_fd, b"READY\n")
-                os.close(ready_fd)
-
-    try:
-        trio.run(main)
-    except BaseException as exc:
-        leaf = client._leaf(exc)
-        if isinstance(leaf, StartupError | OSError):
-            print(f"aaau-server: {leaf}", file=sys.stderr)
-            if args.daemon and ready_fd is not None:  # the parent says it where it was started
-                with contextlib.suppress(OSError):
-                    os.write(ready_fd, f"ERROR {leaf}\n".encode())
-            return 1
-        raise
-    finally:
-        if pid_file:
-            with contextlib.suppress(OSError):
-                if Path(pid_file).read_text().strip() == str(os.getpid()):
-                    os.unlink(pid_file)
-    return 0
-
-
-def _write_pid_file(path: str) -> None:
-    """The server's pid, for scripts and init systems that want one (0644, replaced whole)."""
-    directory, name = paths.directory_of(path)
-    dir_fd = paths.open_dir(directory)
-    try:
-        tmp = f".{name}.{os.getpid()}"
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd
-        )
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _daemonize(config: Config) -> int:
-    """Fork into the background. The parent waits for the child's word: READY (exit 0),
-    or ERROR and why (printed on the parent's stderr, exit 1), so a failed start says
-    why where it was started. The log directory is made as the server makes it
-    (``root:ADMIN_GROUP 0750``, checked), and ``server.log`` goes there."""
-    admin_gid = grp.getgrnam(config.admin_group).gr_gid
-    os.close(paths.open_dir(config.log_dir, create=(0, admin_gid, 0o750)))
-    read_fd, write_fd = os.pipe()
-    if os.fork() > 0:
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as pipe:
-            word = pipe.readline().decode(errors="replace").strip()
-        if word == "READY":
-            os._exit(0)
-        why = (
-            word.removeprefix("ERROR ")
-            if word.startswith("ERROR ")
-            else (f"the server stopped while starting; see {config.log_dir}/server.log")
-        )
-        print(f"aaau-server: {why}", file=sys.stderr)
-        os._exit(1)
-    os.close(read_fd)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    oplog.send_to_file(os.path.join(config.log_dir, "server.log"))
-    return write_fd
-
-
 # --- aaau -------------------------------------------------------------------------------
 
 
-def _client_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="aaau",
-        description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
-        epilog="commands: aaau [claude|codex], aaau ls [--json], aaau status ID, aaau kill ID, "
-        "aaau asys [-n ID] INSTRUCTION [key=value ...], aaau log {ls,show,replay,grep,export,"
-        "verify} (admins; aaau log --help)",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the client's other errors: one line on stderr, exit 255 (as ssh)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(client.EXIT_ERROR, f"{self.prog}: {message} (try {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "-s",
         "--socket",
         default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock"),
         help="the server's socket (default: $AAAU_SOCKET, else /run/aaau/aaau.sock)",
     )
-    parser.add_argument("-p", "--program", help="the program and its arguments, split like a shell")
-    parser.add_argument("-n", "--session", help="join this session")
-    parser.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
-    parser.add_argument("--share", action="store_true", help="let other members type too")
-    parser.add_argument(
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _create_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--share", action="store_true", help="let other members type too")
+    p.add_argument(
         "--keep",
         action="store_true",
         help="without a terminal (stdin a pipe or a file), keep the session when this "
         "client goes (by default it ends with it)",
     )
-    parser.add_argument("-C", "--cwd", help="the agent's working directory")
-    parser.add_argument(
+    p.add_argument("-C", "--cwd", help="the agent's working directory")
+    p.add_argument(
         "-e",
         "--env",
         action="append",
@@ -404,9 +63,93 @@ def _client_parser() -> argparse.ArgumentParser:
         help="pass NAME from your environment to the agent (repeatable); NAME=VALUE works "
         "too, but puts the value on this command line, where anyone on the machine can read it",
     )
-    parser.add_argument("--json", action="store_true", help="with ls: machine-readable")
+    p.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="create the session in the background: print its id (--json: as JSON) and "
+        "return; join it later with aaau -n ID",
+    )
+
+
+_EPILOG = """commands (each has --help):
+  aaau [claude|codex]            run that agent (with its "skip permissions" flag)
+  aaau -p 'PROGRAM ARGS'         run a program, split like a shell
+  aaau run [OPTIONS] -- CMD ARGS run CMD with ARGS exactly as given (no shell splitting)
+  aaau -n ID | aaau join ID      join a session (-r: read-only)
+  aaau ls                        list sessions
+  aaau status ID                 one session, as JSON
+  aaau kill ID                   end a session (its creator or an admin)
+  aaau asys [-n ID] INSTRUCTION [key=value ...]   an ASys call
+  aaau log ...                   read the audit log (admins; aaau log --help)
+
+With no program and no alias, aaau starts the agent user's login shell.
+The socket: -s PATH, else $AAAU_SOCKET, else /run/aaau/aaau.sock."""
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="aaau",
+        description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common(parser)
+    parser.add_argument("-p", "--program", help="the program and its arguments, split like a shell")
+    parser.add_argument("-n", "--session", help="join this session")
+    parser.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
+    _create_options(parser)
     parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
     return parser
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand, with its own help."""
+    p = _Parser(prog=f"aaau {name}", description=_SUBCOMMANDS[name])
+    _common(p)
+    if name in ("status", "kill", "join"):
+        p.add_argument("session_id", metavar="ID", help="the session")
+    if name == "join":
+        p.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
+    if name == "asys":
+        p.add_argument("-n", "--session", help="call within this session")
+        p.add_argument("instruction", help="SYS_CAPS, SYS_STATUS, SYS_PROCS, ... (docs/asys.md)")
+        p.add_argument("args", nargs="*", metavar="key=value", help="the instruction's arguments")
+    if name == "run":
+        _create_options(p)
+        p.add_argument("argv", nargs="+", metavar="CMD", help="the command and its arguments")
+    return p
+
+
+_SUBCOMMANDS = {
+    "ls": "List the sessions you may see.",
+    "list": "List the sessions you may see.",
+    "status": "One session: state, creator, clients, size (JSON).",
+    "kill": "End a session: its agent and every process it started (creator or admin).",
+    "join": "Join a session (as Interactive if you may type, else read-only).",
+    "asys": "Call an ASys instruction; prints its JSON result, exit 0 if it succeeded.",
+    "run": "Run CMD with ARGS exactly as given: aaau run [OPTIONS] -- CMD ARGS.",
+}
+
+#: the top-level options that take a value (to find the subcommand among the words)
+_TAKES_VALUE = frozenset(
+    {"-s", "--socket", "-p", "--program", "-n", "--session", "-C", "--cwd", "-e", "--env"}
+)
+
+
+def _find_subcommand(argv: list[str]) -> int | None:
+    """Where the subcommand word is in ``argv`` (after any top-level options), or None."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return None
+        if word.startswith("-"):
+            i += 2 if word in _TAKES_VALUE else 1
+            continue
+        return i if word in _SUBCOMMANDS else None
+    return None
 
 
 class _Usage(Exception):
@@ -427,38 +170,87 @@ def _session_after_dashes(argv: list[str]) -> list[str]:
 
 
 def client_main(argv: list[str] | None = None) -> int:
-    argv = _session_after_dashes(sys.argv[1:] if argv is None else argv)
-    args = _client_parser().parse_intermixed_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        at = _find_subcommand(argv)
+        if at is not None:
+            name = argv[at]
+            args = _subparser(name).parse_args(argv[:at] + argv[at + 1 :])
+            return _SUBCOMMAND_RUN[name](args)
+        argv = _session_after_dashes(argv)
+        args = _client_parser().parse_intermixed_args(argv)
         return _dispatch(args, args.words)
     except _Usage as exc:
         print(f"aaau: {exc}", file=sys.stderr)
         return client.EXIT_ERROR
 
 
+def _ls(args: argparse.Namespace) -> int:
+    return client.run_client(_list, args.socket, args.json)
+
+
+def _status(args: argparse.Namespace) -> int:
+    request = _with_session_id(m.QueryStatus, m.PROTOCOL_VERSION, args.session_id)
+    return client.run_client(_one_shot_print, args.socket, request, args.json)
+
+
+def _kill(args: argparse.Namespace) -> int:
+    request = _with_session_id(m.Kill, m.PROTOCOL_VERSION, args.session_id)
+    return client.run_client(_one_shot_print, args.socket, request, args.json)
+
+
+def _join(args: argparse.Namespace) -> int:
+    role = m.Role.READONLY if args.read_only else None
+    rows, cols = window_size(0) if os.isatty(0) else (None, None)
+    join = _with_session_id(m.Join, m.PROTOCOL_VERSION, args.session_id, role, rows, cols)
+    return client.run_client(attach.attach, args.socket, join)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``aaau run -- CMD ARGS``: argv as given, never split or re-parsed."""
+    return _start(args, _create(args, tuple(args.argv)))
+
+
+def _asys_command(args: argparse.Namespace) -> int:
+    return _asys(args, [args.instruction, *args.args])
+
+
+_SUBCOMMAND_RUN: dict[str, Callable[[argparse.Namespace], int]] = {
+    "ls": _ls,
+    "list": _ls,
+    "status": _status,
+    "kill": _kill,
+    "join": _join,
+    "asys": _asys_command,
+    "run": _run,
+}
+
+
 def _dispatch(args: argparse.Namespace, words: list[str]) -> int:
-    sock, v = args.socket, m.PROTOCOL_VERSION
-    if words and words[0] == "asys":
-        return _asys(args, words[1:])
-    if words and words[0] in ("ls", "list"):
-        return client.run_client(_ls, sock, args.json)
-    if words and words[0] in ("status", "kill"):
-        if len(words) != 2:
-            raise _Usage(f"usage: aaau {words[0]} SESSION_ID")
-        request: m.QueryStatus | m.Kill = (
-            _with_session_id(m.QueryStatus, v, words[1])
-            if words[0] == "status"
-            else _with_session_id(m.Kill, v, words[1])
-        )
-        return client.run_client(_one_shot_print, sock, request)
+    """The short forms: an alias, -p PROGRAM, -n ID, or nothing (a login shell)."""
     if args.session:
         if args.program or words:
             raise _Usage("-n joins a session: do not name a program too")
-        role = m.Role.READONLY if args.read_only else None
-        rows, cols = window_size(0) if os.isatty(0) else (None, None)
-        join = _with_session_id(m.Join, v, args.session, role, rows, cols)
-        return client.run_client(attach.attach, sock, join)
-    return client.run_client(attach.attach, sock, _create(args, words))
+        if args.detach:
+            raise _Usage("-d creates a session in the background: it does not join one")
+        args.session_id = args.session
+        return _join(args)
+    if args.read_only:
+        raise _Usage("-r joins read-only: give the session with -n ID (aaau ls lists them)")
+    argv = _program(args, words)
+    if argv is None and not args.detach:
+        print(
+            "aaau: no program given: starting the agent user's login shell "
+            "(aaau claude, aaau -p PROGRAM, aaau --help)",
+            file=sys.stderr,
+        )
+    return _start(args, _create(args, argv))
+
+
+def _start(args: argparse.Namespace, request: m.Create) -> int:
+    if args.detach:
+        return client.run_client(_create_detached, args.socket, request, args.json)
+    return client.run_client(attach.attach, args.socket, request)
 
 
 def _with_session_id(kind: Callable[..., T], *fields: object) -> T:
@@ -510,10 +302,9 @@ def _environment(items: list[str]) -> dict[str, str]:
 _TERMINAL_ENV = ("COLORTERM",)
 
 
-def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
-    argv = _program(args, words)
+def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> m.Create:
     env = _environment(args.env)
-    terminal = os.isatty(0)
+    terminal = os.isatty(0) and not args.detach
     for name in _TERMINAL_ENV:  # what the person's terminal can do (truecolor)
         if name in os.environ and name not in env:
             env[name] = os.environ[name]
@@ -528,8 +319,8 @@ def _create(args: argparse.Namespace, words: list[str]) -> m.Create:
             share=args.share,
             cwd=os.path.abspath(args.cwd) if args.cwd else None,
             env=env,
-            pipe=not terminal,
-            keep=args.keep,
+            pipe=not terminal and not args.detach,
+            keep=args.keep or args.detach,
         )
     except ValueError as exc:
         raise _Usage(str(exc)) from None
@@ -549,7 +340,7 @@ def _asys(args: argparse.Namespace, words: list[str]) -> int:
     )
 
 
-async def _ls(sock: str, as_json: bool) -> int:
+async def _list(sock: str, as_json: bool) -> int:
     reply = await client.one_shot(sock, m.ListSessions(m.PROTOCOL_VERSION))
     assert isinstance(reply, m.Sessions)
     if as_json:
@@ -559,10 +350,30 @@ async def _ls(sock: str, as_json: bool) -> int:
     return 0
 
 
-async def _one_shot_print(sock: str, request: m.ClientMessage) -> int:
+async def _one_shot_print(sock: str, request: m.ClientMessage, as_json: bool = False) -> int:
     reply = await client.one_shot(sock, request)
     if isinstance(reply, m.Status):
         client.print_json({"alive": reply.alive, **client.session_json(reply.session)})
     elif isinstance(reply, m.Done):
-        print(reply.message)
+        if as_json:
+            session_id = getattr(request, "session_id", None)
+            client.print_json({"session_id": session_id, "done": True, "message": reply.message})
+        else:
+            print(reply.message)
+    return 0
+
+
+async def _create_detached(sock: str, request: m.Create, as_json: bool) -> int:
+    """Create a session and leave it running (tmux new -d -P): its id on stdout."""
+    link = await client.connect(sock)
+    async with link.framed.stream:
+        await link.send(request)
+        reply = await link.next_control()
+    client.fail_on_error(reply)
+    if not isinstance(reply, m.Welcome):
+        raise client.ClientError(f"unexpected answer from the server: {type(reply).__name__}")
+    if as_json:
+        client.print_json({"session_id": reply.session_id, "role": reply.role.value})
+    else:
+        print(reply.session_id)
     return 0

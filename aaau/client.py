@@ -231,7 +231,7 @@ def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _leaf(exc: BaseException) -> BaseException:
+def innermost(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
@@ -243,7 +243,7 @@ def run_client(coro_fn: Any, *args: Any) -> int:
     try:
         return int(trio.run(coro_fn, *args))
     except BaseException as exc:
-        leaf = _leaf(exc)
+        leaf = innermost(exc)
         if isinstance(leaf, ClientError | TerminalError):
             message = str(leaf)
         elif isinstance(leaf, ProtocolError):

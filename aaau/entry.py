@@ -23,6 +23,6 @@ def client(argv: list[str] | None = None) -> int:
 
 def server(argv: list[str] | None = None) -> int:
     """``aaau-server``."""
-    from .cli import server_main
+    from .servercli import server_main
 
     return server_main(sys.argv[1:] if argv is None else argv)

@@ -420,3 +420,69 @@ async def test_permission_denied_says_which_group_and_what_to_do(server: ServerP
     assert f"you were added to group {GROUP} after this login: log in again" in (
         stale.stderr.decode()
     )
+
+
+# --- subcommands, run --, detached sessions ------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["ls", "status", "kill", "join", "asys", "run"])
+async def test_each_subcommand_has_its_own_help(server: ServerProc, command: str) -> None:
+    result = await run_cli(ALICE, [command, "--help"], server.socket)
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith(f"usage: aaau {command} ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["kill"], "aaau kill: the following arguments are required: ID (try aaau kill --help)"),
+        (["--bogus"], "aaau: unrecognized arguments: --bogus (try aaau --help)"),
+        (["-r", "-p", "cat"], "aaau: -r joins read-only: give the session with -n ID"),
+        (["run", "--"], "aaau run: the following arguments are required: CMD"),
+    ],
+)
+async def test_usage_errors_exit_255_with_one_line(
+    server: ServerProc, args: list[str], message: str
+) -> None:
+    result = await run_cli(ALICE, args, server.socket)
+    assert result.returncode == 255
+    assert result.stderr.decode().startswith(message) and result.stderr.count(b"\n") == 1
+    assert not result.stdout
+
+
+async def test_run_passes_argv_exactly_as_given(server: ServerProc, base_dir: Path) -> None:
+    marker = base_dir / "run-should-not-exist"
+    result = await run_cli(
+        ALICE, ["run", "--", "printf", "%s|", "a b", f"$(touch {marker})", "-x"], server.socket
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"a b|$(touch {marker})|-x|".encode() in result.stdout
+    assert not marker.exists()
+
+
+async def test_a_detached_session_prints_its_id_and_keeps_running(server: ServerProc) -> None:
+    result = await run_cli(
+        ALICE, ["run", "-d", "--", "sh", "-c", "echo up; exec sleep 600"], server.socket
+    )
+    assert result.returncode == 0, result.stderr
+    sid = result.stdout.decode().strip()
+    assert re.fullmatch(r"[A-Za-z0-9_]+", sid), sid
+    listed = await run_cli(ALICE, ["ls", "--json"], server.socket)
+    assert sid in [s["session_id"] for s in json.loads(listed.stdout)]
+    status = await run_cli(ALICE, ["status", sid], server.socket)
+    assert json.loads(status.stdout)["alive"] is True
+    as_json = await run_cli(ALICE, ["-d", "--json", "-p", "sleep 600"], server.socket)
+    other = json.loads(as_json.stdout)
+    assert other["role"] == "interactive" and other["session_id"] != sid
+    for session in (sid, other["session_id"]):
+        killed = await run_cli(ALICE, ["kill", "--json", session], server.socket)
+        assert killed.returncode == 0, killed.stderr
+        reply = json.loads(killed.stdout)
+        assert reply["session_id"] == session and reply["done"] is True
+    await wait_for(lambda: len(server.records("session_end")) >= 2)
+
+
+async def test_no_program_says_a_login_shell_starts(server: ServerProc) -> None:
+    result = await run_cli(ALICE, [], server.socket, stdin=b"exit 3\n")
+    assert result.stderr.decode().startswith("aaau: no program given: starting the agent user's")
+    assert result.returncode == 3
