@@ -11,13 +11,17 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from . import __version__, attach, client
-from . import messages as m
-from .terminal import window_size
+from . import __version__, oneshot
+
+if TYPE_CHECKING:
+    from . import messages as m
 
 T = TypeVar("T")
+
+#: the client's exit status for its own errors, usage errors included (client.EXIT_ERROR)
+EXIT_ERROR = 255
 
 ALIASES = {
     "claude": ("claude", "--dangerously-skip-permissions"),
@@ -32,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as the client's other errors: one line on stderr, exit 255 (as ssh)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(client.EXIT_ERROR, f"{self.prog}: {message} (try {self.prog} --help)\n")
+        self.exit(EXIT_ERROR, f"{self.prog}: {message} (try {self.prog} --help)\n")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -180,26 +184,45 @@ def client_main(argv: list[str] | None = None) -> int:
         argv = _session_after_dashes(argv)
         args = _client_parser().parse_intermixed_args(argv)
         return _dispatch(args, args.words)
-    except _Usage as exc:
+    except (_Usage, oneshot.OneShotError) as exc:
         print(f"aaau: {exc}", file=sys.stderr)
-        return client.EXIT_ERROR
+        return EXIT_ERROR
 
 
 def _ls(args: argparse.Namespace) -> int:
-    return client.run_client(_list, args.socket, args.json)
+    """No Trio, no cattrs: :mod:`aaau.oneshot`."""
+    reply = oneshot.request(args.socket, oneshot.list_sessions(), "sessions")
+    sessions = list(reply.get("sessions") or [])
+    if args.json:
+        oneshot.print_json(sessions)
+    else:
+        print(oneshot.format_sessions(sessions))
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    request = _with_session_id(m.QueryStatus, m.PROTOCOL_VERSION, args.session_id)
-    return client.run_client(_one_shot_print, args.socket, request, args.json)
+    reply = oneshot.request(args.socket, oneshot.query_status(args.session_id), "status")
+    oneshot.print_json({"alive": reply.get("alive"), **dict(reply.get("session") or {})})
+    return 0
 
 
 def _kill(args: argparse.Namespace) -> int:
-    request = _with_session_id(m.Kill, m.PROTOCOL_VERSION, args.session_id)
-    return client.run_client(_one_shot_print, args.socket, request, args.json)
+    reply = oneshot.request(args.socket, oneshot.kill(args.session_id), "done")
+    message = str(reply.get("message", ""))
+    if args.json:
+        oneshot.print_json({"session_id": args.session_id, "done": True, "message": message})
+    else:
+        from .text import printable
+
+        print(printable(message))
+    return 0
 
 
 def _join(args: argparse.Namespace) -> int:
+    from . import attach, client
+    from . import messages as m
+    from .terminal import window_size
+
     role = m.Role.READONLY if args.read_only else None
     rows, cols = window_size(0) if os.isatty(0) else (None, None)
     join = _with_session_id(m.Join, m.PROTOCOL_VERSION, args.session_id, role, rows, cols)
@@ -248,6 +271,8 @@ def _dispatch(args: argparse.Namespace, words: list[str]) -> int:
 
 
 def _start(args: argparse.Namespace, request: m.Create) -> int:
+    from . import attach, client
+
     if args.detach:
         return client.run_client(_create_detached, args.socket, request, args.json)
     return client.run_client(attach.attach, args.socket, request)
@@ -303,6 +328,9 @@ _TERMINAL_ENV = ("COLORTERM",)
 
 
 def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> m.Create:
+    from . import messages as m
+    from .terminal import window_size
+
     env = _environment(args.env)
     terminal = os.isatty(0) and not args.detach
     for name in _TERMINAL_ENV:  # what the person's terminal can do (truecolor)
@@ -335,36 +363,18 @@ def _asys(args: argparse.Namespace, words: list[str]) -> int:
         if not eq or not key:
             raise _Usage(f"arguments are key=value, got {item!r}")
         call_args[key] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
+    from . import client
+
     return client.run_client(
         client.asys_call, args.socket, args.session, instruction.upper(), call_args
     )
 
 
-async def _list(sock: str, as_json: bool) -> int:
-    reply = await client.one_shot(sock, m.ListSessions(m.PROTOCOL_VERSION))
-    assert isinstance(reply, m.Sessions)
-    if as_json:
-        client.print_json([client.session_json(s) for s in reply.sessions])
-    else:
-        print(client.format_sessions(reply.sessions))
-    return 0
-
-
-async def _one_shot_print(sock: str, request: m.ClientMessage, as_json: bool = False) -> int:
-    reply = await client.one_shot(sock, request)
-    if isinstance(reply, m.Status):
-        client.print_json({"alive": reply.alive, **client.session_json(reply.session)})
-    elif isinstance(reply, m.Done):
-        if as_json:
-            session_id = getattr(request, "session_id", None)
-            client.print_json({"session_id": session_id, "done": True, "message": reply.message})
-        else:
-            print(reply.message)
-    return 0
-
-
 async def _create_detached(sock: str, request: m.Create, as_json: bool) -> int:
     """Create a session and leave it running (tmux new -d -P): its id on stdout."""
+    from . import client
+    from . import messages as m
+
     link = await client.connect(sock)
     async with link.framed.stream:
         await link.send(request)

@@ -6,14 +6,8 @@ The attached client (a terminal or pipes and one session) is :mod:`aaau.attach`.
 from __future__ import annotations
 
 import contextlib
-import errno
-import grp
 import json
-import os
-import pwd
-import shlex
 import sys
-import time
 from typing import Any
 
 import trio
@@ -22,9 +16,9 @@ from . import codec
 from . import messages as m
 from .errors import ProtocolError
 from .framing import FramedStream
+from .oneshot import explain_connect
 from .protocol import Kind, data_frame
 from .terminal import TerminalError
-from .text import printable
 
 EXIT_ERROR = 255
 
@@ -95,45 +89,6 @@ async def connect(path: str) -> Link:
     return Link(stream)
 
 
-def explain_connect(path: str, exc: OSError) -> str:
-    """Why a connection failed, said so that a newcomer knows what to do next."""
-    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-        return (
-            f"no aaau server is running at {path} (an admin starts it: systemctl start "
-            "aaau.socket, or aaau-server run --daemon; another server: -s PATH or $AAAU_SOCKET)"
-        )
-    if exc.errno == errno.EACCES:
-        return f"cannot reach {path}: {_why_denied(path)}"
-    return f"cannot connect to {path}: {exc.strerror or exc}"
-
-
-def _why_denied(path: str) -> str:
-    """Permission denied: not in the group, or in it since a login that predates it."""
-    gid = None
-    for where in (path, os.path.dirname(path)):
-        with contextlib.suppress(OSError):
-            gid = os.stat(where).st_gid
-            if gid != 0:
-                break
-    try:
-        group = grp.getgrgid(gid).gr_name if gid is not None else None
-    except KeyError:
-        group = None
-    if group is None:
-        return "permission denied"
-    user = pwd.getpwuid(os.getuid()).pw_name
-    listed = user in grp.getgrnam(group).gr_mem
-    if listed and gid not in os.getgroups():
-        return (
-            f"you were added to group {group} after this login: log in again (or run "
-            f"`newgrp {group}`) so that your processes carry it"
-        )
-    return (
-        f"permission denied: you ({user}) are not in group {group} (admins: in the admin group); "
-        f"ask an admin to run `usermod -aG {group} {user}`, then log in again"
-    )
-
-
 def fail_on_error(reply: m.ServerMessage) -> None:
     if isinstance(reply, m.Error):
         raise ClientError(reply.message)
@@ -182,49 +137,6 @@ async def asys_call(
     return 0 if reply.sw == "9000" else 1
 
 
-
-
-def _since(created_at: float, now: float) -> str:
-    local, today = time.localtime(created_at), time.localtime(now)
-    if now - created_at < 20 * 3600 and local.tm_yday == today.tm_yday:
-        return time.strftime("%H:%M", local)
-    return time.strftime("%b%d", local)
-
-
-def _watching(clients: tuple[m.ClientInfo, ...]) -> str:
-    if not clients:
-        return "-"
-    roles = {m.Role.READONLY: "ro", m.Role.INTERACTIVE: "rw", m.Role.ADMIN: "admin"}
-    return ",".join(f"{c.user}({roles[c.role]})" for c in clients)
-
-
-def format_sessions(sessions: tuple[m.SessionInfo, ...], now: float | None = None) -> str:
-    """``aaau ls``: one line per session, every field made printable."""
-    now = time.time() if now is None else now
-    rows = [("SESSION", "CREATOR", "SINCE", "SIZE", "WATCHING", "COMMAND")]
-    for s in sessions:
-        rows.append(
-            (
-                s.session_id,
-                s.creator,
-                _since(s.created_at, now),
-                f"{s.cols}x{s.rows}",
-                _watching(s.clients),
-                shlex.join(s.argv) if s.argv else "(login shell)",
-            )
-        )
-    cells = [[printable(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
-        + "  "
-        + row[5]
-        for row in cells
-    )
-
-
-def session_json(info: m.SessionInfo) -> Any:
-    return codec.converter.unstructure(info)
 
 
 def print_json(obj: Any) -> None:

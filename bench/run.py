@@ -15,6 +15,8 @@ Scenarios (docs/benchmarks.md has the method and the latest results):
                create/join times
   slow         throughput with one observer that never reads; server memory stays bounded
   audit        throughput with output recording on and off
+  startup      aaau --help, aaau ls, aaau -p true beside tmux ls, tmux new-session -d and
+               python -c 'import json, socket': medians of 10, ratios to the bare Python
 """
 
 from __future__ import annotations
@@ -276,7 +278,63 @@ async def audit(size: str) -> dict[str, Any]:
     }
 
 
-SCENARIOS = {"throughput": throughput, "echo": echo, "scale": scale, "slow": slow, "audit": audit}
+def _wall(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
+    return time.perf_counter() - start
+
+
+async def startup(size: str) -> dict[str, Any]:
+    """Start-up of typed commands, medians, beside tmux and a bare Python (issue 12)."""
+    runs = 3 if size == "smoke" else 10
+    aaau = str(Path(sys.executable).parent / "aaau")
+    commands: dict[str, list[str]] = {
+        "python -c 'import json, socket'": [sys.executable, "-c", "import json, socket"],
+        "aaau --help": [aaau, "--help"],
+        "aaau ls": [aaau, "ls"],
+        "aaau -p true": [aaau, "-p", "true"],
+    }
+    tmux = h.Tmux() if h.tmux_available() else None
+    if tmux is not None:
+        tmux.cmd("new-session", "-d", "-s", "keep", "sleep 600")
+        base = ["tmux", "-S", tmux.sock, "-f", "/dev/null"]
+        commands["tmux ls"] = [*base, "ls"]
+        commands["tmux new-session -d"] = [*base, "new-session", "-d", "true"]
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    try:
+        async with h.aaau_server() as server:
+            env = {**os.environ, "AAAU_SOCKET": str(server.sock)}
+            for _ in range(runs):  # alternate them, same invocation
+                for name, argv in commands.items():
+                    times[name].append(_wall(argv, env))
+    finally:
+        if tmux is not None:
+            tmux.kill()
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    bare = medians["python -c 'import json, socket'"]
+    return {
+        "runs": runs,
+        "median_ms": {name: round(t * 1000, 1) for name, t in medians.items()},
+        "ratio_to_python": {name: round(t / bare, 2) for name, t in medians.items()},
+        "targets": {"aaau ls": 3, "aaau --help": 3, "aaau -p true": 6},
+    }
+
+
+SCENARIOS = {
+    "throughput": throughput,
+    "echo": echo,
+    "scale": scale,
+    "slow": slow,
+    "audit": audit,
+    "startup": startup,
+}
 
 
 def report(results: dict[str, Any]) -> str:
@@ -310,7 +368,7 @@ def report(results: dict[str, Any]) -> str:
                         f"{way:>8} p50 {row['p50_ms']:>7} p99 {row['p99_ms']:>7} "
                         f"max {row['max_ms']:>7}"
                     )
-    for name in ("scale", "slow", "audit"):
+    for name in ("scale", "slow", "audit", "startup"):
         if name in results:
             lines.append(f"\n{name}: {json.dumps(results[name])}")
     return "\n".join(lines)

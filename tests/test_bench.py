@@ -24,7 +24,9 @@ def test_benchmark_smoke_run_measures_every_scenario() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
     assert out["size"] == "smoke"
-    assert set(out) >= {"machine", "throughput", "echo", "scale", "slow", "audit"}
+    assert set(out) >= {"machine", "throughput", "echo", "scale", "slow", "audit", "startup"}
+    startup = out["startup"]["median_ms"]
+    assert startup["aaau ls"] > 0 and startup["aaau -p true"] > 0
     for row in out["throughput"]["readers"].values():
         assert row["aaau_every_byte"] is True
         assert row["raw_s"] > 0 and row["aaau_s"] > 0

@@ -1,0 +1,209 @@
+"""One request, one answer, with the standard library only: ``aaau ls``, ``status``, ``kill``.
+
+These commands are typed, and scripted in loops: they should start as fast as
+``tmux ls``, not pay for Trio, cattrs and the terminal code (~200 ms on a
+small machine) to send one frame and read one. The frame is the protocol's
+(:mod:`aaau.protocol`: kind, big-endian length, payload) and the payload the
+codec's JSON (:mod:`aaau.codec`), written here by hand for these three
+requests; the tests check both against the real codec. The answer is read
+with a size limit and checked for its type; everything printed from it goes
+through :func:`aaau.text.printable` (a server at ``-s PATH`` may be anyone's).
+
+Also here, light for the same reason: why a connection failed, said so that
+a newcomer knows what to do (:func:`explain_connect`; the Trio client uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import json
+import os
+import pwd
+import re
+import shlex
+import socket
+import struct
+import time
+from typing import Any, Final
+
+from .text import printable
+
+PROTOCOL_VERSION: Final = 2  # messages.PROTOCOL_VERSION (a test keeps them equal)
+_HEADER: Final = struct.Struct(">BI")
+_CONTROL: Final = 1
+_MAX_ANSWER: Final = 16 << 20
+_SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # messages._SESSION_ID
+TIMEOUT: Final = 30.0
+
+
+class OneShotError(Exception):
+    """What went wrong, in one line for the person who typed the command."""
+
+
+def list_sessions() -> dict[str, Any]:
+    return {"version": PROTOCOL_VERSION, "type": "list_sessions"}
+
+
+def query_status(session_id: str) -> dict[str, Any]:
+    return {"version": PROTOCOL_VERSION, "session_id": _checked(session_id), "type": "query_status"}
+
+
+def kill(session_id: str) -> dict[str, Any]:
+    return {"version": PROTOCOL_VERSION, "session_id": _checked(session_id), "type": "kill"}
+
+
+def _checked(session_id: str) -> str:
+    if not _SESSION_ID.fullmatch(session_id):
+        raise OneShotError(f"invalid session id {session_id!r}")
+    return session_id
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """The CONTROL frame of a message."""
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    return _HEADER.pack(_CONTROL, len(payload)) + payload
+
+
+def request(path: str, message: dict[str, Any], answer: str) -> dict[str, Any]:
+    """Send ``message``, return the first control answer, which must be of type ``answer``
+    (an ``error`` becomes :class:`OneShotError` with the server's words)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(TIMEOUT)
+    with sock:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise OneShotError(explain_connect(path, exc)) from None
+        try:
+            sock.sendall(frame(message))
+            reply = _next_control(sock)
+        except TimeoutError:
+            raise OneShotError(f"the server at {path} did not answer in {TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise OneShotError(f"connection to the server lost: {exc.strerror or exc}") from None
+    kind = reply.get("type")
+    if kind == "error":
+        raise OneShotError(printable(str(reply.get("message", "the server refused"))))
+    if kind != answer:
+        raise OneShotError(f"protocol error from the server: {answer} expected, got {kind!r}")
+    return reply
+
+
+def _next_control(sock: socket.socket) -> dict[str, Any]:
+    while True:
+        kind, size = _HEADER.unpack(_exactly(sock, _HEADER.size))
+        if size > _MAX_ANSWER:
+            raise OneShotError(f"protocol error from the server: a {size}-byte frame")
+        payload = _exactly(sock, size)
+        if kind != _CONTROL:
+            continue  # terminal bytes: not for a one-shot request
+        try:
+            reply = json.loads(payload)
+        except ValueError:
+            raise OneShotError("protocol error from the server: a frame that is not JSON") from None
+        if not isinstance(reply, dict):
+            raise OneShotError("protocol error from the server: a frame that is no object")
+        return reply
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise OneShotError("the server closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+# --- aaau ls -----------------------------------------------------------------------------------
+
+_ROLES: Final = {"readonly": "ro", "interactive": "rw", "admin": "admin"}
+
+
+def _since(created_at: float, now: float) -> str:
+    local, today = time.localtime(created_at), time.localtime(now)
+    if now - created_at < 20 * 3600 and local.tm_yday == today.tm_yday:
+        return time.strftime("%H:%M", local)
+    return time.strftime("%b%d", local)
+
+
+def _watching(clients: list[dict[str, Any]]) -> str:
+    if not clients:
+        return "-"
+    return ",".join(f"{c.get('user')}({_ROLES.get(str(c.get('role')), '?')})" for c in clients)
+
+
+def format_sessions(sessions: list[dict[str, Any]], now: float | None = None) -> str:
+    """``aaau ls``: one line per session, every field made printable."""
+    now = time.time() if now is None else now
+    rows = [("SESSION", "CREATOR", "SINCE", "SIZE", "WATCHING", "COMMAND")]
+    for s in sessions:
+        argv = [str(a) for a in s.get("argv") or ()]
+        rows.append(
+            (
+                str(s.get("session_id")),
+                str(s.get("creator")),
+                _since(float(s.get("created_at") or 0), now),
+                f"{s.get('cols')}x{s.get('rows')}",
+                _watching(list(s.get("clients") or ())),
+                shlex.join(argv) if argv else "(login shell)",
+            )
+        )
+    cells = [[printable(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
+        + "  "
+        + row[5]
+        for row in cells
+    )
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# --- why a connection failed ---------------------------------------------------------------------
+
+
+def explain_connect(path: str, exc: OSError) -> str:
+    """Why a connection failed, said so that a newcomer knows what to do next."""
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        return (
+            f"no aaau server is running at {path} (an admin starts it: systemctl start "
+            "aaau.socket, or aaau-server run --daemon; another server: -s PATH or $AAAU_SOCKET)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"cannot reach {path}: {_why_denied(path)}"
+    return f"cannot connect to {path}: {exc.strerror or exc}"
+
+
+def _why_denied(path: str) -> str:
+    """Permission denied: not in the group, or in it since a login that predates it."""
+    gid = None
+    for where in (path, os.path.dirname(path)):
+        with contextlib.suppress(OSError):
+            gid = os.stat(where).st_gid
+            if gid != 0:
+                break
+    try:
+        group = grp.getgrgid(gid).gr_name if gid is not None else None
+    except KeyError:
+        group = None
+    if group is None:
+        return "permission denied"
+    user = pwd.getpwuid(os.getuid()).pw_name
+    listed = user in grp.getgrnam(group).gr_mem
+    if listed and gid not in os.getgroups():
+        return (
+            f"you were added to group {group} after this login: log in again (or run "
+            f"`newgrp {group}`) so that your processes carry it"
+        )
+    return (
+        f"permission denied: you ({user}) are not in group {group} (admins: in the admin group); "
+        f"ask an admin to run `usermod -aG {group} {user}`, then log in again"
+    )

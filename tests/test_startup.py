@@ -1,0 +1,63 @@
+"""The commands people type in loops start without Trio, cattrs or structlog, and the
+hand-written one-shot frames are the codec's, byte for byte."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from aaau import codec, oneshot
+from aaau import messages as m
+
+V = m.PROTOCOL_VERSION
+
+
+def test_one_shot_frames_are_the_codecs() -> None:
+    assert oneshot.PROTOCOL_VERSION == V
+    assert oneshot.frame(oneshot.list_sessions()) == codec.encode(m.ListSessions(V))
+    assert oneshot.frame(oneshot.query_status("k3x9")) == codec.encode(m.QueryStatus(V, "k3x9"))
+    assert oneshot.frame(oneshot.kill("k3x9")) == codec.encode(m.Kill(V, "k3x9"))
+    assert oneshot._SESSION_ID.pattern == m._SESSION_ID.pattern
+    with pytest.raises(oneshot.OneShotError, match="invalid session id"):
+        oneshot.kill("-rf /")
+
+
+def test_ls_prints_what_the_codec_would_and_escapes_it() -> None:
+    info = m.SessionInfo(
+        "s1",
+        "al\x1b]0;x\x07ice",
+        1000,
+        ("sh", "-c", "a b"),
+        12,
+        "/dev/pts/1",
+        0.0,
+        24,
+        80,
+        False,
+        (m.ClientInfo(1, "bob", 1001, m.Role.READONLY),),
+    )
+    (wire,) = codec.converter.unstructure(m.Sessions((info,)))["sessions"]
+    text = oneshot.format_sessions([wire], now=0.0)
+    assert "\x1b" not in text and "\x07" not in text
+    header, row = text.splitlines()
+    assert header.split() == ["SESSION", "CREATOR", "SINCE", "SIZE", "WATCHING", "COMMAND"]
+    assert row.startswith("s1  ") and "80x24" in row and "bob(ro)" in row
+    assert row.endswith("sh -c 'a b'")
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["ls"], ["status", "k3x9"], ["kill", "--json", "k3x9"]]
+)
+def test_typed_commands_import_no_trio_cattrs_or_structlog(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "aaau", *args, "-s", "/nonexistent/aaau.sock"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "aaau.oneshot" in imported or args[0].startswith("--")
+    for heavy in ("trio", "cattrs", "structlog", "aaau.client", "aaau.codec", "aaau.messages"):
+        assert heavy not in imported, f"{args} imports {heavy}"
