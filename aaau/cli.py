@@ -91,7 +91,7 @@ With no program and no alias, aaau starts the agent user's login shell.
 The socket: -s PATH, else $AAAU_SOCKET, else /run/aaau/aaau.sock."""
 
 
-def _client_parser() -> argparse.ArgumentParser:
+def _client_parser(*, words: bool = True) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="aaau",
         description="Run an agent under the aaau server, or join, list, inspect and kill sessions.",
@@ -104,7 +104,34 @@ def _client_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--session", help="join this session")
     parser.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
     _create_options(parser)
-    parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
+    if words:
+        parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
+    return parser
+
+
+def documented_parser() -> argparse.ArgumentParser:
+    """The whole of ``aaau`` as one parser with subcommands, for what is generated from
+    it (shell completion, the man page; tools/docgen.py): the real dispatch finds the
+    subcommand first, so that ``aaau claude`` and ``aaau -p ...`` keep working."""
+    from . import logcli
+
+    parser = _client_parser(words=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in ("claude", "codex"):
+        sub.add_parser(name, help=f"run {shlex.join(ALIASES[name])}")
+    for name, text in _SUBCOMMANDS.items():
+        if name != "list":
+            sub.add_parser(
+                name, parents=[_subparser(name)], add_help=False, help=text, description=text
+            )
+    log = logcli.parser()
+    sub.add_parser(
+        "log",
+        parents=[log],
+        add_help=False,
+        help="read the audit log (admins)",
+        description=log.description,
+    )
     return parser
 
 

@@ -55,6 +55,9 @@ class Layout:
     log_dir: str = "/var/log/aaau"
     home: str | None = None
     sysconf_dir: str = "/etc"
+    #: where completions and man pages go (the local administrator's share, on every
+    #: shell's and man's search path)
+    share_dir: str = "/usr/local/share"
     pam_service: str = "aaau"
     #: pool users {agent_user}-01 ... (one per member, or per session; docs/operating.md)
     agents: int = 32
@@ -222,6 +225,29 @@ def render_logrotate(layout: Layout) -> str:
     return text.replace("create 0640 root aaau-admin", f"create 0640 root {layout.admin_group}")
 
 
+#: package data -> where it goes under share_dir
+_SHARED = {
+    "completion/aaau.bash": "bash-completion/completions/aaau",
+    "completion/aaau-server.bash": "bash-completion/completions/aaau-server",
+    "completion/_aaau": "zsh/site-functions/_aaau",
+    "completion/_aaau-server": "zsh/site-functions/_aaau-server",
+    "completion/aaau.fish": "fish/vendor_completions.d/aaau.fish",
+    "completion/aaau-server.fish": "fish/vendor_completions.d/aaau-server.fish",
+    "man/aaau.1": "man/man1/aaau.1",
+    "man/aaau-server.8": "man/man8/aaau-server.8",
+}
+
+
+def _install_shared(layout: Layout) -> dict[str, str]:
+    """Completions and man pages (generated from the parsers: tools/docgen.py)."""
+    data = importlib.resources.files("aaau") / "data"
+    written = {}
+    for source, target in _SHARED.items():
+        path = Path(layout.share_dir) / target
+        written[str(path)] = _write(path, (data / source).read_text(), 0o644)
+    return written
+
+
 def _exists_user(name: str) -> bool:
     try:
         pwd.getpwnam(name)
@@ -358,6 +384,7 @@ def init(layout: Layout, out: Callable[[str], None] = print) -> None:
             Path("/etc/pam.d") / layout.pam_service, PAM_SERVICE_TEXT, 0o644
         ),
     }
+    written.update(_install_shared(layout))
     _apply_sysusers(layout, sysusers_conf)
     _check(layout)  # the agent user exists now: check its groups again
     _apply_tmpfiles(tmpfiles, tmpfiles_conf)

@@ -58,6 +58,7 @@ def _server_parser() -> argparse.ArgumentParser:
     _layout_options(init)
     init.add_argument("--home", help="the agent user's home (default: /var/lib/aaau/USER)")
     init.add_argument("--sysconf-dir", default="/etc", help=argparse.SUPPRESS)
+    init.add_argument("--share-dir", default="/usr/local/share", help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="run the server (as root)")
     _layout_options(run)
     _run_options(run)
@@ -170,6 +171,7 @@ def server_main(argv: list[str] | None = None) -> int:
                     "log_dir": args.log_dir,
                     "home": args.home,
                     "sysconf_dir": args.sysconf_dir,
+                    "share_dir": args.share_dir,
                     "agents": args.agent_pool,
                     "pam_service": args.pam_service,
                 }.items()

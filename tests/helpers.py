@@ -78,6 +78,8 @@ def init_argv(base_dir: Path, sysconf: str = "etc") -> list[str]:
         str(HOMES / AGENT),
         "--sysconf-dir",
         str(base_dir / sysconf),
+        "--share-dir",
+        str(base_dir / "share"),
     ]
 
 
