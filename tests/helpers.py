@@ -83,6 +83,13 @@ def init_argv(base_dir: Path, sysconf: str = "etc") -> list[str]:
     ]
 
 
+async def start_daemon(sock: Path, log_dir: Path) -> int:
+    """``aaau-server run --daemon`` for the test accounts: the pid, from its pid file."""
+    result = await trio.run_process(server_argv(sock, log_dir, "--daemon"), cwd="/", check=False)
+    assert result.returncode == 0
+    return int((sock.parent / "aaau-server.pid").read_text())
+
+
 def server_env() -> dict[str, str]:
     """The environment test servers start with (a secret the agent must never see)."""
     return {

@@ -305,11 +305,14 @@ async def test_svc_restart_success_failure_timeout(svc_server: tuple[ServerProc,
     assert over.sw == "6400"
     done = await _until_done(ada, slow.result["handle"])
     assert done["state"] == "timeout"
-    await wait_for(
-        lambda: (
-            "sleep 30"
-            not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-        )
+    await wait_for(  # the whole line: other tests' "sleep 300" must not count
+        lambda: "sleep 30"
+        not in [
+            line.strip()
+            for line in subprocess.run(
+                ["ps", "-eo", "args"], capture_output=True, text=True
+            ).stdout.splitlines()
+        ]
     )
     assert len(server.records("asys_task_done")) == 3
 

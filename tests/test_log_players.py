@@ -29,10 +29,9 @@ from .helpers import (
     PY,
     ServerProc,
     gid_of,
-    read_audit,
     root,
     run_cli,
-    server_argv,
+    start_daemon,
     wait_for,
 )
 from .terminals import Tmux, client_command
@@ -138,9 +137,7 @@ async def test_logrotate_with_inits_file_rotates_a_running_servers_logs_and_the_
     log_dir = base_dir / "init-log"  # init's log directory: root:admins 0750
     assert f"{log_dir}/audit.jsonl {{" in conf.read_text()
     sock = base_dir / "rotate-run" / "aaau.sock"
-    result = await trio.run_process(server_argv(sock, log_dir, "--daemon"), cwd="/", check=False)
-    assert result.returncode == 0
-    pid = read_audit(log_dir / "audit.jsonl")[-1]["metadata"]["pid"]
+    pid = await start_daemon(sock, log_dir)
     state = base_dir / "logrotate.state"
     try:
         for _ in range(2):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import structlog
-import trio
 
 from aaau import messages as m
 from aaau import oplog
@@ -23,10 +22,9 @@ from .helpers import (
     GROUP,
     ServerFactory,
     gid_of,
-    read_audit,
     root,
-    server_argv,
     server_env,
+    start_daemon,
     wait_for,
 )
 
@@ -138,9 +136,7 @@ async def test_sighup_reopens_the_daemons_server_log(
     accounts: dict[str, object], base_dir: Path
 ) -> None:
     sock, log_dir = base_dir / "daemon-hup" / "aaau.sock", base_dir / "daemon-hup-log"
-    result = await trio.run_process(server_argv(sock, log_dir, "--daemon"), cwd="/", check=False)
-    assert result.returncode == 0
-    pid = read_audit(log_dir / "audit.jsonl")[0]["metadata"]["pid"]
+    pid = await start_daemon(sock, log_dir)
     try:
         server_log = log_dir / "server.log"
         assert "listening" in server_log.read_text()
