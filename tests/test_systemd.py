@@ -43,22 +43,33 @@ V = m.PROTOCOL_VERSION
 SERVER = str(Path(PY).parent / "aaau-server")
 
 
-def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
+def _analyze(*args: str, man: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze``; ``man``: where the man pages are (verify runs
+    ``man aaau-server(8)`` for the units' ``Documentation=``)."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    return subprocess.run(["systemd-analyze", *args], capture_output=True, text=True, check=False)
+    env = {**os.environ, **({"MANPATH": str(man)} if man else {})}
+    return subprocess.run(
+        ["systemd-analyze", *args], capture_output=True, text=True, check=False, env=env
+    )
 
 
 @pytest.fixture
 def units(tmp_path: Path) -> Path:
-    """The default instance's units, rendered for this machine's aaau-server."""
+    """The default instance's units, rendered for this machine's aaau-server, and the
+    man page they name, where init puts it (below a share/man of their own)."""
     for name, text in provision.render_units(provision.Layout(), SERVER).items():
         (tmp_path / name).write_text(text)
+    page = tmp_path / "man" / "man8" / "aaau-server.8"
+    page.parent.mkdir(parents=True)
+    page.write_text((Path(aaau.__file__).parent / "data" / "man" / "aaau-server.8").read_text())
     return tmp_path
 
 
 def test_the_units_pass_verify(units: Path) -> None:
-    result = _analyze("verify", str(units / "aaau.service"), str(units / "aaau.socket"))
+    result = _analyze(
+        "verify", str(units / "aaau.service"), str(units / "aaau.socket"), man=units / "man"
+    )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
