@@ -326,6 +326,16 @@ def _knows(python: str, setting: str) -> bool:
     return out.stdout.strip() == "True"
 
 
+def _init_knows(python: str, option: str) -> bool:
+    """Does the ``aaau-server init`` that ``python`` runs take ``option`` (a Layout field)?"""
+    probe = (
+        "import aaau.provision as p, attrs; "
+        f"print({option.lstrip('-').replace('-', '_')!r} in attrs.fields_dict(p.Layout))"
+    )
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd="/")
+    return out.stdout.strip() == "True"
+
+
 def _limits_file(base: Path) -> str:
     """Room for the scale scenario: 600 connections, all the benchmark's own (uid 0)."""
     path = base / "limits.toml"
@@ -351,6 +361,8 @@ def prepare_accounts(base: Path, python: str = PY) -> None:
             "--sysconf-dir",
             str(base / "etc"),
             *(NEW_INIT if _knows(python, "cgroup_base") else []),
+            # completions and man pages: into the run's own directory, never /usr/local/share
+            *(["--share-dir", str(base / "share")] if _init_knows(python, "--share-dir") else []),
         ],
         check=True,
         capture_output=True,

@@ -24,6 +24,8 @@ def test_benchmark_smoke_run_measures_every_scenario() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
     assert out["size"] == "smoke"
+    # its init put completions and man pages in its own directory, not the machine's
+    assert not list(Path("/usr/local/share").rglob("*aaau*"))
     assert set(out) >= {"machine", "throughput", "echo", "scale", "slow", "audit", "startup"}
     startup = out["startup"]["median_ms"]
     assert startup["aaau ls"] > 0 and startup["aaau -p true"] > 0
