@@ -246,14 +246,13 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from . import attach, client
     from . import messages as m
-    from .terminal import window_size
+    from .ttysize import window_size
 
     role = m.Role.READONLY if args.read_only else None
     rows, cols = window_size(0) if os.isatty(0) else (None, None)
     join = _with_session_id(m.Join, m.PROTOCOL_VERSION, args.session_id, role, rows, cols)
-    return client.run_client(attach.attach, args.socket, join)
+    return _attach(args.socket, join)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -298,11 +297,20 @@ def _dispatch(args: argparse.Namespace, words: list[str]) -> int:
 
 
 def _start(args: argparse.Namespace, request: m.Create) -> int:
+    if args.detach:
+        return _create_detached(args.socket, request, args.json)
+    return _attach(args.socket, request)
+
+
+def _attach(sock: str, hello: m.Create | m.Join) -> int:
+    """Attached: through Trio with a terminal; without one, the light pipe client."""
+    if not os.isatty(0):
+        from . import pipeclient
+
+        return pipeclient.attach(sock, hello)
     from . import attach, client
 
-    if args.detach:
-        return client.run_client(_create_detached, args.socket, request, args.json)
-    return client.run_client(attach.attach, args.socket, request)
+    return client.run_client(attach.attach, sock, hello)
 
 
 def _with_session_id(kind: Callable[..., T], *fields: object) -> T:
@@ -356,7 +364,7 @@ _TERMINAL_ENV = ("COLORTERM",)
 
 def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> m.Create:
     from . import messages as m
-    from .terminal import window_size
+    from .ttysize import window_size
 
     env = _environment(args.env)
     terminal = os.isatty(0) and not args.detach
@@ -397,20 +405,16 @@ def _asys(args: argparse.Namespace, words: list[str]) -> int:
     )
 
 
-async def _create_detached(sock: str, request: m.Create, as_json: bool) -> int:
+def _create_detached(sock: str, request: m.Create, as_json: bool) -> int:
     """Create a session and leave it running (tmux new -d -P): its id on stdout."""
-    from . import client
-    from . import messages as m
+    from .pipeclient import as_dict
 
-    link = await client.connect(sock)
-    async with link.framed.stream:
-        await link.send(request)
-        reply = await link.next_control()
-    client.fail_on_error(reply)
-    if not isinstance(reply, m.Welcome):
-        raise client.ClientError(f"unexpected answer from the server: {type(reply).__name__}")
+    reply = oneshot.request(sock, as_dict(request), "welcome")
+    from .text import printable
+
+    session_id = printable(str(reply.get("session_id")))
     if as_json:
-        client.print_json({"session_id": reply.session_id, "role": reply.role.value})
+        oneshot.print_json({"session_id": session_id, "role": reply.get("role")})
     else:
-        print(reply.session_id)
+        print(session_id)
     return 0

@@ -12,31 +12,18 @@ back when it is closed, and the terminal's modes are put back by
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import struct
 import termios
 import tty
 from collections.abc import Iterator
 
 import trio
 
-DEFAULT_SIZE = (24, 80)
+from .ttysize import window_size
 
 
 class TerminalError(Exception):
     """The terminal cannot be used; the message names what failed."""
-
-
-def window_size(fd: int) -> tuple[int, int]:
-    """(rows, cols) of the terminal on ``fd``, or 24x80 when it is not one."""
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return DEFAULT_SIZE
-    if rows <= 0 or cols <= 0:
-        return DEFAULT_SIZE
-    return rows, cols
 
 
 class Terminal:

@@ -61,3 +61,37 @@ def test_typed_commands_import_no_trio_cattrs_or_structlog(args: list[str]) -> N
     assert "aaau.oneshot" in imported or args[0].startswith("--")
     for heavy in ("trio", "cattrs", "structlog", "aaau.client", "aaau.codec", "aaau.messages"):
         assert heavy not in imported, f"{args} imports {heavy}"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        m.Create(V, rows=24, cols=80, term="xterm", argv=("true",)),
+        m.Create(
+            V, rows=50, cols=200, term="xterm-256color", argv=None, share=True, cwd="/srv",
+            env={"A": "1"}, pipe=True, keep=True,
+        ),
+        m.Join(V, "k3x9", None, None, None),
+        m.Join(V, "k3x9", m.Role.READONLY, 30, 100),
+        m.InputEof(),
+    ],
+)
+def test_the_pipe_clients_frames_are_the_codecs(message: object) -> None:
+    from aaau import pipeclient
+
+    assert pipeclient.encode(message) == codec.encode(message)  # type: ignore[arg-type]
+
+
+def test_a_pipe_session_imports_no_trio_or_cattrs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "aaau", "-p", "true", "-s", "/nonexistent/s"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 255 and "no aaau server is running" in result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "aaau.pipeclient" in imported
+    for heavy in ("trio", "cattrs", "structlog", "aaau.client", "aaau.codec"):
+        assert heavy not in imported, heavy

@@ -121,7 +121,10 @@ def test_init_installs_the_units_and_says_how_to_start_them(
     assert "aaau-server run --daemon --agent-user" in text  # no systemd here: the fallback
     assert f"--group {GROUP}" in text.split("aaau-server run --daemon", 1)[1]
     result = _analyze(
-        "verify", str(unit_dir / f"aaau-{GROUP}.service"), str(unit_dir / f"aaau-{GROUP}.socket")
+        "verify",
+        str(unit_dir / f"aaau-{GROUP}.service"),
+        str(unit_dir / f"aaau-{GROUP}.socket"),
+        man=base_dir / "share" / "man",  # where init put the pages
     )
     assert result.returncode == 0, result.stderr
     run_dir = base_dir / "init-run"

@@ -1,0 +1,278 @@
+"""The client without a terminal (pipe mode), on the standard library: it starts in a blink.
+
+``echo input | aaau -p CMD``, ``aaau run -- CMD < file``, scripts and CI: stdin
+is the agent's input (its end is the agent's end of input), the agent's output
+goes to stdout, the agent's exit status becomes ours. This is what
+:mod:`aaau.attach` does with no terminal, without Trio and cattrs (~140 ms of
+imports for a command that may run in a loop): one socket, ``selectors``, the
+protocol's frames (:mod:`aaau.oneshot`), the requests validated by their
+message classes (:mod:`aaau.messages`) and encoded as the codec does (a test
+holds the bytes equal), the answers read as JSON and checked field by field.
+
+The same rules as the Trio client: input is sent within the credit the server
+grants (``input_window``, then ``input_credit``); a ReadOnly client sends
+none; SIGTERM, SIGHUP and SIGINT leave the session (exit 128+N); a closed
+stdout is our failure, said as such; exit 255 with one line for our own errors.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+from typing import Any, Final
+
+import attrs
+
+from . import messages as m
+from .oneshot import OneShotError, explain_connect, frame
+from .text import printable
+
+EXIT_ERROR: Final = 255
+_HEADER: Final = struct.Struct(">BI")
+_DATA, _CONTROL = 0, 1
+_MAX_FRAME: Final = 16 << 20
+#: error codes that are told and do not end the attachment (attach._NONFATAL)
+_NONFATAL: Final = frozenset({"forbidden", "rate-limited", "audit-unavailable"})
+_SHUTDOWN: Final = "server-shutdown"
+
+
+def _left_out(key: str, value: object) -> bool:
+    """Fields the codec leaves out at their default (added within protocol 2)."""
+    return (key in ("pipe", "keep") and value is False) or (
+        key in ("rows", "cols") and value is None
+    )
+
+
+def as_dict(message: m.Create | m.Join | m.InputEof) -> dict[str, Any]:
+    """A message as the codec unstructures it (its fields, then its ``type``)."""
+    plain = attrs.asdict(message, recurse=True, value_serializer=_plain)
+    fields = {k: v for k, v in plain.items() if not _left_out(k, v)}
+    fields["type"] = _tag(type(message).__name__)
+    return fields
+
+
+def encode(message: m.Create | m.Join | m.InputEof) -> bytes:
+    """A message's CONTROL frame, as :func:`aaau.codec.encode` makes it."""
+    return frame(as_dict(message))
+
+
+def _plain(_inst: object, _field: object, value: object) -> object:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _tag(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+def _raise(signum: int, _frame: object) -> None:
+    raise _Signalled(signum)
+
+
+class _Link:
+    """The connection: frames in (buffered), frames out (all of them, blocking)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def read(self) -> bool:
+        """Read once, queue the whole frames that arrived; False when the server closed."""
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            return False
+        self._buffer += chunk
+        while len(self._buffer) >= _HEADER.size:
+            kind, size = _HEADER.unpack_from(self._buffer)
+            if size > _MAX_FRAME or kind not in (_DATA, _CONTROL):
+                raise OneShotError(f"protocol error from the server: frame kind {kind}, {size} B")
+            if len(self._buffer) < _HEADER.size + size:
+                break
+            self.pending.append((kind, bytes(self._buffer[_HEADER.size : _HEADER.size + size])))
+            del self._buffer[: _HEADER.size + size]
+        return True
+
+    def control(self) -> dict[str, Any]:
+        """The next control message (the welcome: nothing comes before it)."""
+        while True:
+            while self.pending:
+                kind, payload = self.pending.popleft()
+                if kind == _CONTROL:
+                    return _json(payload)
+            if not self.read():
+                raise OneShotError("the server closed the connection")
+
+
+def _json(payload: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        raise OneShotError("protocol error from the server: a frame that is not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise OneShotError("protocol error from the server: a message with no type")
+    return message
+
+
+def attach(path: str, hello: m.Create | m.Join) -> int:
+    """Create or join a session and stay attached, without a terminal; the exit status."""
+    handlers = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    session = "?"
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        with sock:
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                raise OneShotError(explain_connect(path, exc)) from None
+            link = _Link(sock)
+            link.send(encode(hello))
+            welcome = link.control()
+            if welcome["type"] == "error":
+                raise OneShotError(printable(str(welcome.get("message"))))
+            if welcome["type"] != "welcome" or not isinstance(welcome.get("session_id"), str):
+                raise OneShotError(f"unexpected reply {welcome['type']!r}")
+            session = printable(welcome["session_id"])
+            role = str(welcome.get("role"))
+            _say(f"session {session} ({role}); ~. at the start of a line detaches")
+            return _Attached(link, int(welcome.get("input_window") or 0), role).run()
+    except _Signalled as exc:
+        name = signal.Signals(exc.signum).name
+        _say(f"{name}: left session {session}")
+        return 128 + exc.signum
+    except OneShotError as exc:
+        _say(str(exc))
+        return EXIT_ERROR
+    except OSError as exc:
+        _say(f"connection to the server lost: {exc.strerror or exc}")
+        return EXIT_ERROR
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _say(text: str) -> None:
+    print(f"aaau: {text}", file=sys.stderr, flush=True)
+
+
+class _Attached:
+    def __init__(self, link: _Link, window: int, role: str) -> None:
+        self.link = link
+        self.credit = window
+        self.sending = role != m.Role.READONLY.value
+        self.eof = False  # stdin ended (and the server was told)
+        # select(2), not epoll: stdin may be a regular file or /dev/null, which epoll
+        # refuses (EPERM) and select reports as always readable, as they are
+        self.selector = selectors.SelectSelector()
+
+    def run(self) -> int:
+        self.selector.register(self.link.sock, selectors.EVENT_READ, "server")
+        self._read_stdin()
+        try:
+            if (status := self._handle_pending()) is not None:
+                return status
+            while True:
+                for key, _ in self.selector.select():
+                    if key.data == "stdin":
+                        self._input()
+                    elif (status := self._from_server()) is not None:
+                        return status
+        finally:
+            self.selector.close()
+
+    def _input(self) -> None:
+        try:
+            data = os.read(0, min(65536, self.credit))
+        except OSError as exc:
+            raise OneShotError(f"cannot read standard input: {exc.strerror or exc}") from None
+        if not data:
+            self.link.send(encode(m.InputEof()))
+            self.eof = True
+            self._stop_reading()
+            return
+        self.credit -= len(data)
+        self.link.send(_HEADER.pack(_DATA, len(data)) + data)
+        if self.credit <= 0:
+            self._stop_reading()  # until the server gives credit back
+
+    def _read_stdin(self) -> None:
+        """Watch stdin while we may send and have credit."""
+        if self.sending and not self.eof and self.credit > 0 and 0 not in self.selector.get_map():
+            self.selector.register(0, selectors.EVENT_READ, "stdin")
+
+    def _stop_reading(self) -> None:
+        if 0 in self.selector.get_map():
+            self.selector.unregister(0)
+
+    def _from_server(self) -> int | None:
+        if not self.link.read():
+            raise OneShotError("connection to the server lost")
+        return self._handle_pending()
+
+    def _handle_pending(self) -> int | None:
+        while self.link.pending:
+            kind, payload = self.link.pending.popleft()
+            if kind == _DATA:
+                _write_out(payload)
+            elif (status := self._control(_json(payload))) is not None:
+                return status
+        return None
+
+    def _control(self, msg: dict[str, Any]) -> int | None:
+        kind = msg["type"]
+        if kind == "input_credit":
+            given = msg.get("bytes")
+            if isinstance(given, int) and given > 0:
+                self.credit += given
+                self._read_stdin()
+        elif kind == "exited":
+            return _exited(msg)
+        elif kind == "error":
+            code, text = msg.get("code"), printable(str(msg.get("message")))
+            if code == _SHUTDOWN:
+                return None
+            if code in _NONFATAL:
+                _say(text)
+                return None
+            raise OneShotError(f"disconnected: {text}")
+        elif kind == "role_changed":
+            role = str(msg.get("role"))
+            self.sending = self.sending and role != m.Role.READONLY.value
+            if not self.sending:
+                self._stop_reading()
+            _say(f"your role is now {printable(role)} ({printable(str(msg.get('reason')))})")
+        return None
+
+
+def _exited(msg: dict[str, Any]) -> int:
+    """The agent's status as a shell gives a child's (128+N for signal N); a session
+    ended by someone (a kill, a shutdown) says so."""
+    code, sig, reason = msg.get("code"), msg.get("signal"), msg.get("reason")
+    if reason is not None:
+        _say(f"session {printable(str(reason))}")
+    if isinstance(sig, int):
+        return 128 + sig
+    return code if isinstance(code, int) else EXIT_ERROR
+
+
+def _write_out(data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(1, view) :]
+    except OSError as exc:
+        raise OneShotError(f"cannot write to standard output: {exc.strerror or exc}") from None
