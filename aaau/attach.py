@@ -41,6 +41,10 @@ _DETACH_WAIT = 2.0
 _NONFATAL = {ErrorCode.FORBIDDEN, ErrorCode.RATE, ErrorCode.AUDIT}
 
 
+#: what attaches: a new session, or a running one
+Hello = m.Create | m.Join
+
+
 class OutputError(ClientError):
     """Standard output failed (a closed pipe): not the server's doing."""
 

@@ -6,19 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from . import __version__, oneshot
-
-if TYPE_CHECKING:
-    from . import messages as m
-
-T = TypeVar("T")
 
 #: the client's exit status for its own errors, usage errors included (client.EXIT_ERROR)
 EXIT_ERROR = 255
@@ -246,12 +242,13 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
-    from . import messages as m
     from .ttysize import window_size
 
-    role = m.Role.READONLY if args.read_only else None
     rows, cols = window_size(0) if os.isatty(0) else (None, None)
-    join = _with_session_id(m.Join, m.PROTOCOL_VERSION, args.session_id, role, rows, cols)
+    try:
+        join = oneshot.join(args.session_id, "readonly" if args.read_only else None, rows, cols)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
     return _attach(args.socket, join)
 
 
@@ -296,28 +293,23 @@ def _dispatch(args: argparse.Namespace, words: list[str]) -> int:
     return _start(args, _create(args, argv))
 
 
-def _start(args: argparse.Namespace, request: m.Create) -> int:
+def _start(args: argparse.Namespace, request: dict[str, Any]) -> int:
     if args.detach:
         return _create_detached(args.socket, request, args.json)
     return _attach(args.socket, request)
 
 
-def _attach(sock: str, hello: m.Create | m.Join) -> int:
+def _attach(sock: str, hello: dict[str, Any]) -> int:
     """Attached: through Trio with a terminal; without one, the light pipe client."""
     if not os.isatty(0):
         from . import pipeclient
 
         return pipeclient.attach(sock, hello)
-    from . import attach, client
+    from . import attach, client, codec
 
-    return client.run_client(attach.attach, sock, hello)
-
-
-def _with_session_id(kind: Callable[..., T], *fields: object) -> T:
-    try:
-        return kind(*fields)
-    except ValueError:
-        raise _Usage(f"invalid session id {fields[1]!r}") from None
+    message = codec.decode_client(json.dumps(hello).encode())  # the same bytes, as a class
+    assert isinstance(message, attach.Hello)
+    return client.run_client(attach.attach, sock, message)
 
 
 def _program(args: argparse.Namespace, words: list[str]) -> tuple[str, ...] | None:
@@ -362,8 +354,7 @@ def _environment(items: list[str]) -> dict[str, str]:
 _TERMINAL_ENV = ("COLORTERM",)
 
 
-def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> m.Create:
-    from . import messages as m
+def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> dict[str, Any]:
     from .ttysize import window_size
 
     env = _environment(args.env)
@@ -373,8 +364,7 @@ def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> m.Create:
             env[name] = os.environ[name]
     rows, cols = window_size(0) if terminal else window_size(1)
     try:
-        return m.Create(
-            m.PROTOCOL_VERSION,
+        return oneshot.create(
             rows=rows,
             cols=cols,
             term=os.environ.get("TERM", "xterm-256color"),
@@ -405,13 +395,11 @@ def _asys(args: argparse.Namespace, words: list[str]) -> int:
     )
 
 
-def _create_detached(sock: str, request: m.Create, as_json: bool) -> int:
+def _create_detached(sock: str, request: dict[str, Any], as_json: bool) -> int:
     """Create a session and leave it running (tmux new -d -P): its id on stdout."""
-    from .pipeclient import as_dict
-
-    reply = oneshot.request(sock, as_dict(request), "welcome")
     from .text import printable
 
+    reply = oneshot.request(sock, request, "welcome")
     session_id = printable(str(reply.get("session_id")))
     if as_json:
         oneshot.print_json({"session_id": session_id, "role": reply.get("role")})

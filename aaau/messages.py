@@ -7,25 +7,20 @@ JSON, frames, sockets or Trio: the codec turns them into bytes and back.
 from __future__ import annotations
 
 import enum
-import re
 from typing import Any
 
 import attrs
 from attrs import validators as v
 
 from .errors import ErrorCode
-
-#: The protocol version this code speaks. A peer announcing another is refused.
-PROTOCOL_VERSION = 2
-
-MAX_DIMENSION = 9999
-MAX_ARGV = 256
-MAX_ARG_LEN = 65536
-MAX_ENV = 128
-
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_TERM = re.compile(r"[A-Za-z0-9._+-]{1,64}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+from .fields import MAX_ARG_LEN as MAX_ARG_LEN  # the limits are part of this module's surface
+from .fields import MAX_ARGV as MAX_ARGV
+from .fields import MAX_DIMENSION as MAX_DIMENSION
+from .fields import MAX_ENV as MAX_ENV
+from .fields import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .fields import SESSION_ID as _SESSION_ID
+from .fields import TERM as _TERM
+from .fields import check_argv, check_cwd, check_env
 
 
 class Role(enum.Enum):
@@ -48,32 +43,15 @@ _RANK = {Role.READONLY: 0, Role.INTERACTIVE: 1, Role.ADMIN: 2}
 
 
 def _argv(_inst: object, _attr: attrs.Attribute[Any], value: tuple[str, ...] | None) -> None:
-    if value is None:
-        return
-    if not value:
-        raise ValueError("argv must not be empty")
-    if len(value) > MAX_ARGV:
-        raise ValueError(f"argv has more than {MAX_ARGV} items")
-    if not value[0]:
-        raise ValueError("the program name must not be empty")
-    for arg in value:
-        if "\0" in arg or len(arg) > MAX_ARG_LEN:
-            raise ValueError("an argument contains NUL or is too long")
+    check_argv(value)
 
 
 def _env(_inst: object, _attr: attrs.Attribute[Any], value: dict[str, str]) -> None:
-    if len(value) > MAX_ENV:
-        raise ValueError(f"more than {MAX_ENV} environment variables")
-    for name, val in value.items():
-        if not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"invalid environment variable name {name!r}")
-        if "\0" in val or len(val) > MAX_ARG_LEN:
-            raise ValueError(f"environment variable {name} contains NUL or is too long")
+    check_env(value)
 
 
 def _cwd(_inst: object, _attr: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and (not value.startswith("/") or "\0" in value or len(value) > 4096):
-        raise ValueError("cwd must be an absolute path")
+    check_cwd(value)
 
 
 _dimension = [v.ge(1), v.le(MAX_DIMENSION)]

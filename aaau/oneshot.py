@@ -21,25 +21,72 @@ import grp
 import json
 import os
 import pwd
-import re
 import shlex
 import socket
 import struct
 import time
 from typing import Any, Final
 
+from . import fields
+from .fields import PROTOCOL_VERSION
 from .text import printable
 
-PROTOCOL_VERSION: Final = 2  # messages.PROTOCOL_VERSION (a test keeps them equal)
 _HEADER: Final = struct.Struct(">BI")
 _CONTROL: Final = 1
 _MAX_ANSWER: Final = 16 << 20
-_SESSION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # messages._SESSION_ID
 TIMEOUT: Final = 30.0
 
 
 class OneShotError(Exception):
     """What went wrong, in one line for the person who typed the command."""
+
+
+def create(
+    *,
+    rows: int,
+    cols: int,
+    term: str,
+    argv: tuple[str, ...] | None,
+    share: bool = False,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    pipe: bool = False,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """``create``, checked as :class:`aaau.messages.Create` checks it (ValueError: why not);
+    ``pipe`` and ``keep`` left out when false, as the codec does."""
+    fields.check_dimension("rows", rows)
+    fields.check_dimension("cols", cols)
+    fields.check_term(term)
+    fields.check_argv(argv)
+    fields.check_cwd(cwd)
+    fields.check_env(env or {})
+    message: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "rows": rows,
+        "cols": cols,
+        "term": term,
+        "argv": list(argv) if argv is not None else None,
+        "share": share,
+        "cwd": cwd,
+        "env": dict(env or {}),
+    }
+    message.update({k: True for k, on in (("pipe", pipe), ("keep", keep)) if on})
+    message["type"] = "create"
+    return message
+
+
+def join(
+    session_id: str, role: str | None, rows: int | None = None, cols: int | None = None
+) -> dict[str, Any]:
+    """``join``, checked as :class:`aaau.messages.Join` checks it; no size, no fields."""
+    fields.check_session_id(session_id)
+    fields.check_dimension("rows", rows)
+    fields.check_dimension("cols", cols)
+    message: dict[str, Any] = {"version": PROTOCOL_VERSION, "session_id": session_id, "role": role}
+    message.update({k: v for k, v in (("rows", rows), ("cols", cols)) if v is not None})
+    message["type"] = "join"
+    return message
 
 
 def list_sessions() -> dict[str, Any]:
@@ -55,8 +102,10 @@ def kill(session_id: str) -> dict[str, Any]:
 
 
 def _checked(session_id: str) -> str:
-    if not _SESSION_ID.fullmatch(session_id):
-        raise OneShotError(f"invalid session id {session_id!r}")
+    try:
+        fields.check_session_id(session_id)
+    except ValueError as exc:
+        raise OneShotError(str(exc)) from None
     return session_id
 
 

@@ -5,9 +5,9 @@ is the agent's input (its end is the agent's end of input), the agent's output
 goes to stdout, the agent's exit status becomes ours. This is what
 :mod:`aaau.attach` does with no terminal, without Trio and cattrs (~140 ms of
 imports for a command that may run in a loop): one socket, ``selectors``, the
-protocol's frames (:mod:`aaau.oneshot`), the requests validated by their
-message classes (:mod:`aaau.messages`) and encoded as the codec does (a test
-holds the bytes equal), the answers read as JSON and checked field by field.
+protocol's frames and requests (:mod:`aaau.oneshot`, checked by the same
+functions as the message classes, :mod:`aaau.fields`; a test holds the bytes
+to the codec's), the answers read as JSON and checked field by field.
 
 The same rules as the Trio client: input is sent within the credit the server
 grants (``input_window``, then ``input_credit``); a ReadOnly client sends
@@ -18,7 +18,6 @@ stdout is our failure, said as such; exit 255 with one line for our own errors.
 from __future__ import annotations
 
 import collections
-import enum
 import json
 import os
 import selectors
@@ -28,9 +27,6 @@ import struct
 import sys
 from typing import Any, Final
 
-import attrs
-
-from . import messages as m
 from .oneshot import OneShotError, explain_connect, frame
 from .text import printable
 
@@ -43,32 +39,8 @@ _NONFATAL: Final = frozenset({"forbidden", "rate-limited", "audit-unavailable"})
 _SHUTDOWN: Final = "server-shutdown"
 
 
-def _left_out(key: str, value: object) -> bool:
-    """Fields the codec leaves out at their default (added within protocol 2)."""
-    return (key in ("pipe", "keep") and value is False) or (
-        key in ("rows", "cols") and value is None
-    )
-
-
-def as_dict(message: m.Create | m.Join | m.InputEof) -> dict[str, Any]:
-    """A message as the codec unstructures it (its fields, then its ``type``)."""
-    plain = attrs.asdict(message, recurse=True, value_serializer=_plain)
-    fields = {k: v for k, v in plain.items() if not _left_out(k, v)}
-    fields["type"] = _tag(type(message).__name__)
-    return fields
-
-
-def encode(message: m.Create | m.Join | m.InputEof) -> bytes:
-    """A message's CONTROL frame, as :func:`aaau.codec.encode` makes it."""
-    return frame(as_dict(message))
-
-
-def _plain(_inst: object, _field: object, value: object) -> object:
-    return value.value if isinstance(value, enum.Enum) else value
-
-
-def _tag(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+_INPUT_EOF: Final = frame({"type": "input_eof"})
+_READONLY: Final = "readonly"
 
 
 class _Signalled(Exception):
@@ -128,8 +100,9 @@ def _json(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def attach(path: str, hello: m.Create | m.Join) -> int:
-    """Create or join a session and stay attached, without a terminal; the exit status."""
+def attach(path: str, hello: dict[str, Any]) -> int:
+    """Create or join a session (``hello``: :func:`aaau.oneshot.create` or ``join``) and
+    stay attached, without a terminal; the exit status."""
     handlers = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     session = "?"
     try:
@@ -140,7 +113,7 @@ def attach(path: str, hello: m.Create | m.Join) -> int:
             except OSError as exc:
                 raise OneShotError(explain_connect(path, exc)) from None
             link = _Link(sock)
-            link.send(encode(hello))
+            link.send(frame(hello))
             welcome = link.control()
             if welcome["type"] == "error":
                 raise OneShotError(printable(str(welcome.get("message"))))
@@ -173,7 +146,7 @@ class _Attached:
     def __init__(self, link: _Link, window: int, role: str) -> None:
         self.link = link
         self.credit = window
-        self.sending = role != m.Role.READONLY.value
+        self.sending = role != _READONLY
         self.eof = False  # stdin ended (and the server was told)
         # select(2), not epoll: stdin may be a regular file or /dev/null, which epoll
         # refuses (EPERM) and select reports as always readable, as they are
@@ -200,7 +173,7 @@ class _Attached:
         except OSError as exc:
             raise OneShotError(f"cannot read standard input: {exc.strerror or exc}") from None
         if not data:
-            self.link.send(encode(m.InputEof()))
+            self.link.send(_INPUT_EOF)
             self.eof = True
             self._stop_reading()
             return
@@ -251,7 +224,7 @@ class _Attached:
             raise OneShotError(f"disconnected: {text}")
         elif kind == "role_changed":
             role = str(msg.get("role"))
-            self.sending = self.sending and role != m.Role.READONLY.value
+            self.sending = self.sending and role != _READONLY
             if not self.sending:
                 self._stop_reading()
             _say(f"your role is now {printable(role)} ({printable(str(msg.get('reason')))})")

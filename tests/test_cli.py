@@ -466,7 +466,7 @@ async def test_a_detached_session_prints_its_id_and_keeps_running(server: Server
     )
     assert result.returncode == 0, result.stderr
     sid = result.stdout.decode().strip()
-    assert re.fullmatch(r"[A-Za-z0-9_]+", sid), sid
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", sid), sid  # a session id, and nothing else
     listed = await run_cli(ALICE, ["ls", "--json"], server.socket)
     assert sid in [s["session_id"] for s in json.loads(listed.stdout)]
     status = await run_cli(ALICE, ["status", sid], server.socket)

@@ -19,7 +19,6 @@ def test_one_shot_frames_are_the_codecs() -> None:
     assert oneshot.frame(oneshot.list_sessions()) == codec.encode(m.ListSessions(V))
     assert oneshot.frame(oneshot.query_status("k3x9")) == codec.encode(m.QueryStatus(V, "k3x9"))
     assert oneshot.frame(oneshot.kill("k3x9")) == codec.encode(m.Kill(V, "k3x9"))
-    assert oneshot._SESSION_ID.pattern == m._SESSION_ID.pattern
     with pytest.raises(oneshot.OneShotError, match="invalid session id"):
         oneshot.kill("-rf /")
 
@@ -64,22 +63,44 @@ def test_typed_commands_import_no_trio_cattrs_or_structlog(args: list[str]) -> N
 
 
 @pytest.mark.parametrize(
-    "message",
+    ("light", "message"),
     [
-        m.Create(V, rows=24, cols=80, term="xterm", argv=("true",)),
-        m.Create(
-            V, rows=50, cols=200, term="xterm-256color", argv=None, share=True, cwd="/srv",
-            env={"A": "1"}, pipe=True, keep=True,
+        (
+            oneshot.create(rows=24, cols=80, term="xterm", argv=("true",)),
+            m.Create(V, rows=24, cols=80, term="xterm", argv=("true",)),
         ),
-        m.Join(V, "k3x9", None, None, None),
-        m.Join(V, "k3x9", m.Role.READONLY, 30, 100),
-        m.InputEof(),
+        (
+            oneshot.create(
+                rows=50, cols=200, term="xterm-256color", argv=None, share=True, cwd="/srv",
+                env={"A": "1"}, pipe=True, keep=True,
+            ),
+            m.Create(
+                V, rows=50, cols=200, term="xterm-256color", argv=None, share=True, cwd="/srv",
+                env={"A": "1"}, pipe=True, keep=True,
+            ),
+        ),
+        (oneshot.join("k3x9", None), m.Join(V, "k3x9", None, None, None)),
+        (oneshot.join("k3x9", "readonly", 30, 100), m.Join(V, "k3x9", m.Role.READONLY, 30, 100)),
     ],
 )
-def test_the_pipe_clients_frames_are_the_codecs(message: object) -> None:
-    from aaau import pipeclient
+def test_the_light_requests_are_the_codecs(light: dict[str, object], message: object) -> None:
+    assert oneshot.frame(light) == codec.encode(message)  # type: ignore[arg-type]
 
-    assert pipeclient.encode(message) == codec.encode(message)  # type: ignore[arg-type]
+
+@pytest.mark.parametrize(
+    ("build", "why"),
+    [
+        (lambda: oneshot.create(rows=0, cols=80, term="x", argv=None), "rows must be between"),
+        (lambda: oneshot.create(rows=24, cols=80, term="x y", argv=None), "terminal type name"),
+        (lambda: oneshot.create(rows=24, cols=80, term="x", argv=("",)), "program name"),
+        (lambda: oneshot.create(rows=24, cols=80, term="x", argv=None, cwd="rel"), "absolute"),
+        (lambda: oneshot.create(rows=24, cols=80, term="x", argv=None, env={"1A": ""}), "name"),
+        (lambda: oneshot.join("-rf /", None), "invalid session id"),
+    ],
+)
+def test_the_light_requests_refuse_what_the_classes_refuse(build: object, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        build()  # type: ignore[operator]
 
 
 def test_a_pipe_session_imports_no_trio_or_cattrs() -> None:
@@ -93,5 +114,5 @@ def test_a_pipe_session_imports_no_trio_or_cattrs() -> None:
     assert result.returncode == 255 and "no aaau server is running" in result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "aaau.pipeclient" in imported
-    for heavy in ("trio", "cattrs", "structlog", "aaau.client", "aaau.codec"):
+    for heavy in ("trio", "cattrs", "structlog", "attrs", "aaau.client", "aaau.messages"):
         assert heavy not in imported, heavy
