@@ -309,3 +309,6 @@ def test_the_wheel_holds_the_templates_the_license_and_one_version(tmp_path: Pat
     for template in ("aaau.service", "aaau.socket", "logrotate.conf", "tmpfiles.conf"):
         assert f"aaau/templates/{template}" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    for data in ("completion/aaau.bash", "completion/_aaau", "completion/aaau.fish", "man/aaau.1",
+                 "man/aaau-server.8"):
+        assert f"aaau/data/{data}" in names
