@@ -215,11 +215,16 @@ def client_main(argv: list[str] | None = None) -> int:
 def _ls(args: argparse.Namespace) -> int:
     """No Trio, no cattrs: :mod:`aaau.oneshot`."""
     reply = oneshot.request(args.socket, oneshot.list_sessions(), "sessions")
-    sessions = list(reply.get("sessions") or [])
+    sessions = reply.get("sessions")
+    if not isinstance(sessions, list) or not all(isinstance(x, dict) for x in sessions):
+        raise oneshot.OneShotError("protocol error from the server: sessions is not a list")
     if args.json:
         oneshot.print_json(sessions)
     else:
-        print(oneshot.format_sessions(sessions))
+        try:
+            print(oneshot.format_sessions(sessions))
+        except (TypeError, ValueError) as exc:
+            raise oneshot.OneShotError(f"protocol error from the server: {exc}") from None
     return 0
 
 

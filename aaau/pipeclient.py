@@ -122,7 +122,10 @@ def attach(path: str, hello: dict[str, Any]) -> int:
             session = printable(welcome["session_id"])
             role = str(welcome.get("role"))
             _say(f"session {session} ({role}); ~. at the start of a line detaches")
-            return _Attached(link, int(welcome.get("input_window") or 0), role).run()
+            window = welcome.get("input_window", 0)
+            if not isinstance(window, int) or window < 0:
+                raise OneShotError("protocol error from the server: a bad input_window")
+            return _Attached(link, window, role).run()
     except _Signalled as exc:
         name = signal.Signals(exc.signum).name
         _say(f"{name}: left session {session}")

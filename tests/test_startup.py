@@ -3,8 +3,13 @@ hand-written one-shot frames are the codec's, byte for byte."""
 
 from __future__ import annotations
 
+import json
+import socket
+import struct
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +121,58 @@ def test_a_pipe_session_imports_no_trio_or_cattrs() -> None:
     assert "aaau.pipeclient" in imported
     for heavy in ("trio", "cattrs", "structlog", "attrs", "aaau.client", "aaau.messages"):
         assert heavy not in imported, heavy
+
+
+# --- a server that lies ----------------------------------------------------------------------
+
+
+def _lying_server(path: str, answer: bytes) -> threading.Thread:
+    """Answers one connection's first frame with ``answer`` (raw bytes), then closes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def _control(obj: object) -> bytes:
+    payload = json.dumps(obj).encode()
+    return struct.pack(">BI", 1, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    ("args", "answer"),
+    [
+        (["ls"], _control({"type": "sessions", "sessions": "not a list"})),
+        (["ls"], _control({"type": "sessions", "sessions": [{"created_at": "yesterday"}]})),
+        (["ls"], _control({"type": "welcome"})),
+        (["ls"], struct.pack(">BI", 1, 1 << 30)),
+        (["ls"], b"\x01\x00\x00\x00\x05nope!"),
+        (["-p", "true"], _control({"type": "welcome", "session_id": "s", "input_window": "x"})),
+        (["-p", "true"], _control({"type": "welcome", "session_id": "s"}) + b"\x07junk"),
+    ],
+)
+def test_a_lying_server_gets_a_one_line_error_not_a_traceback(
+    tmp_path: Path, args: list[str], answer: bytes
+) -> None:
+    path = str(tmp_path / "liar.sock")
+    thread = _lying_server(path, answer)
+    result = subprocess.run(
+        [sys.executable, "-m", "aaau", *args, "-s", path],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    thread.join(timeout=10)
+    assert result.returncode == 255, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("aaau: ") and "Traceback" not in result.stderr, result.stderr
