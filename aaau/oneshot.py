@@ -15,6 +15,7 @@ a newcomer knows what to do (:func:`explain_connect`; the Trio client uses it).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import grp
@@ -31,9 +32,10 @@ from . import fields
 from .fields import PROTOCOL_VERSION
 from .text import printable
 
-_HEADER: Final = struct.Struct(">BI")
+_HEADER: Final = struct.Struct(">BI")  # the protocol's frame header (aaau.protocol)
+DATA: Final = 0
 _CONTROL: Final = 1
-_MAX_ANSWER: Final = 16 << 20
+_MAX_FRAME: Final = 16 << 20
 TIMEOUT: Final = 30.0
 
 
@@ -115,57 +117,91 @@ def frame(message: dict[str, Any]) -> bytes:
     return _HEADER.pack(_CONTROL, len(payload)) + payload
 
 
+def data_frame(payload: bytes) -> bytes:
+    """A DATA frame: terminal bytes, never interpreted."""
+    return _HEADER.pack(DATA, len(payload)) + payload
+
+
+def connect(path: str, timeout: float | None = None) -> socket.socket:
+    """A connected socket to the server, or :class:`OneShotError` saying what to do."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise OneShotError(explain_connect(path, exc)) from None
+    return sock
+
+
+class Link:
+    """Frames over a blocking socket: out whole, in buffered and bounded (one read at a
+    time, so a caller with a selector never blocks on a half-arrived frame)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read(self) -> bool:
+        """Read once, queue the whole frames that arrived; False when the server closed."""
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            return False
+        self._buffer += chunk
+        while len(self._buffer) >= _HEADER.size:
+            kind, size = _HEADER.unpack_from(self._buffer)
+            if size > _MAX_FRAME or kind not in (DATA, _CONTROL):
+                raise OneShotError(f"protocol error from the server: frame kind {kind}, {size} B")
+            if len(self._buffer) < _HEADER.size + size:
+                break
+            self.pending.append((kind, bytes(self._buffer[_HEADER.size : _HEADER.size + size])))
+            del self._buffer[: _HEADER.size + size]
+        return True
+
+    def control(self) -> dict[str, Any]:
+        """The next control message; terminal bytes before it are not for this caller."""
+        while True:
+            while self.pending:
+                kind, payload = self.pending.popleft()
+                if kind == _CONTROL:
+                    return message_of(payload)
+            if not self.read():
+                raise OneShotError("the server closed the connection")
+
+
+def message_of(payload: bytes) -> dict[str, Any]:
+    """A control frame's message: a JSON object with a ``type``, or OneShotError."""
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        raise OneShotError("protocol error from the server: a frame that is not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise OneShotError("protocol error from the server: a message with no type")
+    return message
+
+
 def request(path: str, message: dict[str, Any], answer: str) -> dict[str, Any]:
     """Send ``message``, return the first control answer, which must be of type ``answer``
     (an ``error`` becomes :class:`OneShotError` with the server's words)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(TIMEOUT)
-    with sock:
+    with connect(path, TIMEOUT) as sock:
+        link = Link(sock)
         try:
-            sock.connect(path)
-        except OSError as exc:
-            raise OneShotError(explain_connect(path, exc)) from None
-        try:
-            sock.sendall(frame(message))
-            reply = _next_control(sock)
+            link.send(frame(message))
+            reply = link.control()
         except TimeoutError:
             raise OneShotError(f"the server at {path} did not answer in {TIMEOUT:g} s") from None
         except OSError as exc:
             raise OneShotError(f"connection to the server lost: {exc.strerror or exc}") from None
-    kind = reply.get("type")
+    kind = reply["type"]
     if kind == "error":
         raise OneShotError(printable(str(reply.get("message", "the server refused"))))
     if kind != answer:
         raise OneShotError(f"protocol error from the server: {answer} expected, got {kind!r}")
     return reply
-
-
-def _next_control(sock: socket.socket) -> dict[str, Any]:
-    while True:
-        kind, size = _HEADER.unpack(_exactly(sock, _HEADER.size))
-        if size > _MAX_ANSWER:
-            raise OneShotError(f"protocol error from the server: a {size}-byte frame")
-        payload = _exactly(sock, size)
-        if kind != _CONTROL:
-            continue  # terminal bytes: not for a one-shot request
-        try:
-            reply = json.loads(payload)
-        except ValueError:
-            raise OneShotError("protocol error from the server: a frame that is not JSON") from None
-        if not isinstance(reply, dict):
-            raise OneShotError("protocol error from the server: a frame that is no object")
-        return reply
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise OneShotError("the server closed the connection")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 # --- aaau ls -----------------------------------------------------------------------------------

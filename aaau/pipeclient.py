@@ -17,23 +17,16 @@ stdout is our failure, said as such; exit 255 with one line for our own errors.
 
 from __future__ import annotations
 
-import collections
-import json
 import os
 import selectors
 import signal
-import socket
-import struct
 import sys
 from typing import Any, Final
 
-from .oneshot import OneShotError, explain_connect, frame
+from .oneshot import DATA, Link, OneShotError, connect, data_frame, frame, message_of
 from .text import printable
 
 EXIT_ERROR: Final = 255
-_HEADER: Final = struct.Struct(">BI")
-_DATA, _CONTROL = 0, 1
-_MAX_FRAME: Final = 16 << 20
 #: error codes that are told and do not end the attachment (attach._NONFATAL)
 _NONFATAL: Final = frozenset({"forbidden", "rate-limited", "audit-unavailable"})
 _SHUTDOWN: Final = "server-shutdown"
@@ -52,67 +45,14 @@ def _raise(signum: int, _frame: object) -> None:
     raise _Signalled(signum)
 
 
-class _Link:
-    """The connection: frames in (buffered), frames out (all of them, blocking)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buffer = bytearray()
-        self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
-
-    def send(self, frame: bytes) -> None:
-        self.sock.sendall(frame)
-
-    def read(self) -> bool:
-        """Read once, queue the whole frames that arrived; False when the server closed."""
-        chunk = self.sock.recv(1 << 16)
-        if not chunk:
-            return False
-        self._buffer += chunk
-        while len(self._buffer) >= _HEADER.size:
-            kind, size = _HEADER.unpack_from(self._buffer)
-            if size > _MAX_FRAME or kind not in (_DATA, _CONTROL):
-                raise OneShotError(f"protocol error from the server: frame kind {kind}, {size} B")
-            if len(self._buffer) < _HEADER.size + size:
-                break
-            self.pending.append((kind, bytes(self._buffer[_HEADER.size : _HEADER.size + size])))
-            del self._buffer[: _HEADER.size + size]
-        return True
-
-    def control(self) -> dict[str, Any]:
-        """The next control message (the welcome: nothing comes before it)."""
-        while True:
-            while self.pending:
-                kind, payload = self.pending.popleft()
-                if kind == _CONTROL:
-                    return _json(payload)
-            if not self.read():
-                raise OneShotError("the server closed the connection")
-
-
-def _json(payload: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(payload)
-    except ValueError:
-        raise OneShotError("protocol error from the server: a frame that is not JSON") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise OneShotError("protocol error from the server: a message with no type")
-    return message
-
-
 def attach(path: str, hello: dict[str, Any]) -> int:
     """Create or join a session (``hello``: :func:`aaau.oneshot.create` or ``join``) and
     stay attached, without a terminal; the exit status."""
     handlers = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     session = "?"
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        with sock:
-            try:
-                sock.connect(path)
-            except OSError as exc:
-                raise OneShotError(explain_connect(path, exc)) from None
-            link = _Link(sock)
+        with connect(path) as sock:
+            link = Link(sock)
             link.send(frame(hello))
             welcome = link.control()
             if welcome["type"] == "error":
@@ -146,7 +86,7 @@ def _say(text: str) -> None:
 
 
 class _Attached:
-    def __init__(self, link: _Link, window: int, role: str) -> None:
+    def __init__(self, link: Link, window: int, role: str) -> None:
         self.link = link
         self.credit = window
         self.sending = role != _READONLY
@@ -181,7 +121,7 @@ class _Attached:
             self._stop_reading()
             return
         self.credit -= len(data)
-        self.link.send(_HEADER.pack(_DATA, len(data)) + data)
+        self.link.send(data_frame(data))
         if self.credit <= 0:
             self._stop_reading()  # until the server gives credit back
 
@@ -202,9 +142,9 @@ class _Attached:
     def _handle_pending(self) -> int | None:
         while self.link.pending:
             kind, payload = self.link.pending.popleft()
-            if kind == _DATA:
+            if kind == DATA:
                 _write_out(payload)
-            elif (status := self._control(_json(payload))) is not None:
+            elif (status := self._control(message_of(payload))) is not None:
                 return status
         return None
 

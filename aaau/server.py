@@ -83,6 +83,7 @@ class Server:
         self._shutdown = trio.Event()
         self._sessions: Sessions | None = None
         self._activated: int | None = None  # the fd of a socket systemd passed
+        self._log_reopen_failed = False
 
     def stop(self) -> None:
         self._shutdown.set()
@@ -162,11 +163,17 @@ class Server:
                 self._reopen_log()
 
     def _reopen_log(self) -> None:
+        """Said once while it keeps failing (its directory gone): the check runs every second."""
         try:
-            if reopened := oplog.reopen():
-                log.info("log-reopened", path=reopened)
+            reopened = oplog.reopen()
         except OSError as exc:
-            log.error("log-reopen-failed", error=str(exc))
+            if not self._log_reopen_failed:
+                log.error("log-reopen-failed", error=str(exc))
+            self._log_reopen_failed = True
+            return
+        self._log_reopen_failed = False
+        if reopened:
+            log.info("log-reopened", path=reopened)
 
     def _remove_socket(self, listener: trio.SocketListener) -> None:
         listener.socket.close()

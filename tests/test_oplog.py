@@ -148,3 +148,22 @@ async def test_sighup_reopens_the_daemons_server_log(
     finally:
         os.kill(pid, signal.SIGTERM)
     await wait_for(lambda: not sock.exists())
+
+
+@root
+async def test_a_log_that_cannot_be_reopened_is_said_once_and_kept(
+    accounts: dict[str, object], base_dir: Path
+) -> None:
+    sock, log_dir = base_dir / "daemon-stuck" / "aaau.sock", base_dir / "daemon-stuck-log"
+    pid = await start_daemon(sock, log_dir)
+    moved = log_dir / "server.log.1"
+    try:
+        (log_dir / "server.log").rename(moved)
+        (log_dir / "server.log").mkdir()  # where the file was: nothing can be opened there
+        for turn in (1, 2, 3):  # each reload tries again, as the check every second does
+            os.kill(pid, signal.SIGHUP)
+            await wait_for(lambda turn=turn: moved.read_text().count('"reloaded"') >= turn)
+        assert moved.read_text().count("log-reopen-failed") == 1  # said once, not each time
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    await wait_for(lambda: not sock.exists())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aaau import codec, oneshot
+from aaau import codec, oneshot, protocol
 from aaau import messages as m
 
 V = m.PROTOCOL_VERSION
@@ -24,6 +24,7 @@ def test_one_shot_frames_are_the_codecs() -> None:
     assert oneshot.frame(oneshot.list_sessions()) == codec.encode(m.ListSessions(V))
     assert oneshot.frame(oneshot.query_status("k3x9")) == codec.encode(m.QueryStatus(V, "k3x9"))
     assert oneshot.frame(oneshot.kill("k3x9")) == codec.encode(m.Kill(V, "k3x9"))
+    assert oneshot.data_frame(b"\x1b[1m") == protocol.data_frame(b"\x1b[1m")
     with pytest.raises(oneshot.OneShotError, match="invalid session id"):
         oneshot.kill("-rf /")
 
