@@ -254,28 +254,44 @@ async def slow(size: str) -> dict[str, Any]:
 
 
 async def audit(size: str) -> dict[str, Any]:
-    """Wall time hides the cost (a busier reader reads bigger chunks): server CPU shows it."""
+    """Wall time hides the cost (a busier reader reads bigger chunks): server CPU shows it.
+    With --baseline, the baseline's on/off pair runs alternately with this one's."""
     lines, runs, *_ = SIZES[size]
-    times: dict[str, list[float]] = {"on": [], "off": []}
-    ticks = {"on": 0, "off": 0}
-    async with h.aaau_server() as on_server, h.aaau_server("--no-record-output") as off_server:
+    builds = {"aaau": h.PY} | ({"before": BASELINE} if BASELINE else {})
+    times: dict[str, list[float]] = {f"{b} {m}": [] for b in builds for m in ("on", "off")}
+    ticks = dict.fromkeys(times, 0)
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {}
+        for build, python in builds.items():
+            servers[f"{build} on"] = await stack.enter_async_context(h.aaau_server(python=python))
+            servers[f"{build} off"] = await stack.enter_async_context(
+                h.aaau_server("--no-record-output", python=python)
+            )
         for _ in range(runs):
-            for name, server in (("on", on_server), ("off", off_server)):
+            for name, server in servers.items():
                 before = h.cpu_ticks(server.pid)
                 t, _ = await h.aaau_throughput(server, lines, 1)
                 ticks[name] += h.cpu_ticks(server.pid) - before
                 times[name].append(t)
-    on, off = statistics.median(times["on"]), statistics.median(times["off"])
     hz = os.sysconf("SC_CLK_TCK")
-    cpu_on, cpu_off = ticks["on"] / hz / runs, ticks["off"] / hz / runs
-    return {
-        "recording_on_s": round(on, 3),
-        "recording_off_s": round(off, 3),
-        "wall_cost_pct": round(100 * (on - off) / off, 1),
-        "server_cpu_on_s": round(cpu_on, 3),
-        "server_cpu_off_s": round(cpu_off, 3),
-        "cpu_cost_pct": round(100 * (cpu_on - cpu_off) / cpu_off, 1) if cpu_off else None,
-    }
+    out: dict[str, Any] = {}
+    for build in builds:
+        on, off = statistics.median(times[f"{build} on"]), statistics.median(times[f"{build} off"])
+        cpu_on, cpu_off = ticks[f"{build} on"] / hz / runs, ticks[f"{build} off"] / hz / runs
+        row = {
+            "recording_on_s": round(on, 3),
+            "recording_off_s": round(off, 3),
+            "on_off_throughput": round(off / on, 3),
+            "wall_cost_pct": round(100 * (on - off) / off, 1),
+            "server_cpu_on_s": round(cpu_on, 3),
+            "server_cpu_off_s": round(cpu_off, 3),
+            "cpu_cost_pct": round(100 * (cpu_on - cpu_off) / cpu_off, 1) if cpu_off else None,
+        }
+        if build == "aaau":
+            out.update(row)
+        else:
+            out[build] = row
+    return out
 
 
 def _wall(argv: list[str], env: dict[str, str]) -> float:
