@@ -15,7 +15,9 @@ other fd closed. This keeps all Python code between fork and exec out of the
    /dev/shm and /proc);
 5. drops to the agent user (initgroups, setgid, setuid; never root), sets
    no_new_privs and its Landlock scope, enters the working directory, closes
-   every fd but 0-2, and execs argv with the clean environment. The server is
+   every fd but 0-2, and execs argv with the clean environment. For claude, it
+   first adds (or removes) the session's ASys MCP server in the agent's
+   ``~/.claude.json``, as the agent user (:mod:`aaau.agentconfig`). The server is
    the agent's parent and reaps it.
 
 Errors before the exec go to STATUS_FD as one line ``error:TEXT``; what was
@@ -40,7 +42,7 @@ import sys
 import termios
 from typing import Any, NoReturn
 
-from aaau import _sandbox
+from aaau import _sandbox, agentconfig
 
 _KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -127,6 +129,11 @@ def _become_agent(plan: dict[str, Any], status_fd: int, pam_handle: Any) -> NoRe
             f"cannot enter working directory {plan['cwd']} as {plan['user']}: {exc.strerror}",
             pam_handle,
         )
+    if plan.get("register_claude") is not None:  # as the agent user: its own file
+        note = agentconfig.register_claude(
+            plan["env"]["HOME"], list(plan["mcp_command"]), plan["register_claude"]
+        )
+        _note(status_fd, "mcp", note)
     # Python ignores SIGPIPE and SIGXFSZ at start-up: give the agent the defaults
     for sig in (*_KEYBOARD_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)

@@ -170,7 +170,7 @@ class AuditLog:
             source=fields.pop("source", "system"),
             user=fields.pop("user", "-"),
             uid=fields.pop("uid", None),
-            role=role.value if role is not None else None,
+            role=role if role is None or isinstance(role, str) else role.value,
             session_id=fields.pop("session_id", None),
             command_type=command_type,
             content=fields.pop("content", ""),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -35,11 +34,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: {message} (try {self.prog} --help)\n")
 
 
+def _default_socket() -> str:
+    return os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-s",
         "--socket",
-        default=os.environ.get("AAAU_SOCKET", "/run/aaau/aaau.sock"),
+        default=_default_socket(),
         help="the server's socket (default: $AAAU_SOCKET, else /run/aaau/aaau.sock)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -64,6 +67,19 @@ def _create_options(p: argparse.ArgumentParser) -> None:
         "too, but puts the value on this command line, where anyone on the machine can read it",
     )
     p.add_argument(
+        "--grant",
+        action="append",
+        metavar="LIST",
+        help="the ASys instructions the agent may call from inside the session, comma-"
+        "separated (SYS_STATUS,SYS_PROCS,PROC_THROTTLE; repeatable; 'none': no ASys at "
+        "all); default: the read-only facts (docs/asys.md)",
+    )
+    p.add_argument(
+        "--no-mcp",
+        action="store_true",
+        help="do not register the session's ASys MCP server with claude or codex",
+    )
+    p.add_argument(
         "-d",
         "--detach",
         action="store_true",
@@ -80,7 +96,10 @@ _EPILOG = """commands (each has --help):
   aaau ls                        list sessions
   aaau status ID                 one session, as JSON
   aaau kill ID                   end a session (its creator or an admin)
-  aaau asys [-n ID] INSTRUCTION [key=value ...]   an ASys call
+  aaau asys [-n ID] INSTRUCTION [key=value ...]   an ASys call (inside a session:
+                                 the agent's, through $AAAU_ASYS)
+  aaau revoke ID INSTRUCTION...  withdraw ASys grants from a session's agent
+  aaau mcp                       the agent's ASys MCP server on stdio
   aaau log ...                   read the audit log (admins; aaau log --help)
 
 With no program and no alias, aaau starts the agent user's login shell.
@@ -135,8 +154,12 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     """The parser of one subcommand, with its own help."""
     p = _Parser(prog=f"aaau {name}", description=_SUBCOMMANDS[name])
     _common(p)
-    if name in ("status", "kill", "join"):
+    if name in ("status", "kill", "join", "revoke"):
         p.add_argument("session_id", metavar="ID", help="the session")
+    if name == "revoke":
+        p.add_argument(
+            "instructions", nargs="+", metavar="INSTRUCTION", help="e.g. PROC_THROTTLE"
+        )
     if name == "join":
         p.add_argument("-r", "--read-only", action="store_true", help="join as an observer")
     if name == "asys":
@@ -157,11 +180,15 @@ _SUBCOMMANDS = {
     "join": "Join a session (as Interactive if you may type, else read-only).",
     "asys": "Call an ASys instruction; prints its JSON result, exit 0 if it succeeded.",
     "run": "Run CMD with ARGS exactly as given: aaau run [OPTIONS] -- CMD ARGS.",
+    "revoke": "Withdraw ASys grants from a session's agent, live (an Admin of the session).",
+    "mcp": "Inside a session, as its agent: the session's granted ASys instructions as MCP "
+    "tools on stdio (aaau claude and aaau codex register it).",
 }
 
 #: the top-level options that take a value (to find the subcommand among the words)
 _TAKES_VALUE = frozenset(
     {"-s", "--socket", "-p", "--program", "-n", "--session", "-C", "--cwd", "-e", "--env"}
+    | {"--grant"}
 )
 
 
@@ -266,6 +293,36 @@ def _asys_command(args: argparse.Namespace) -> int:
     return _asys(args, [args.instruction, *args.args])
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    names = _instructions(args.instructions)
+    reply = oneshot.request(args.socket, oneshot.revoke(args.session_id, names), "done")
+    message = str(reply.get("message", ""))
+    if args.json:
+        oneshot.print_json({"session_id": args.session_id, "revoked": list(names)})
+    else:
+        from .text import printable
+
+        print(printable(message))
+    return 0
+
+
+def _mcp(_args: argparse.Namespace) -> int:
+    from . import agentside
+
+    return agentside.mcp()
+
+
+def _instructions(items: list[str]) -> tuple[str, ...]:
+    """``A,B`` ``C`` as (A, B, C), upper-cased, in order, once each; ``none``: ()."""
+    names: list[str] = []
+    for item in items:
+        for word in item.split(","):
+            word = word.strip().upper()
+            if word and word != "NONE" and word not in names:
+                names.append(word)
+    return tuple(names)
+
+
 _SUBCOMMAND_RUN: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": _ls,
     "list": _ls,
@@ -274,6 +331,8 @@ _SUBCOMMAND_RUN: dict[str, Callable[[argparse.Namespace], int]] = {
     "join": _join,
     "asys": _asys_command,
     "run": _run,
+    "revoke": _revoke,
+    "mcp": _mcp,
 }
 
 
@@ -379,6 +438,8 @@ def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> dict[str,
             env=env,
             pipe=not terminal and not args.detach,
             keep=args.keep or args.detach,
+            grants=_instructions(args.grant) if args.grant is not None else None,
+            mcp=not args.no_mcp,
         )
     except ValueError as exc:
         raise _Usage(str(exc)) from None
@@ -387,17 +448,19 @@ def _create(args: argparse.Namespace, argv: tuple[str, ...] | None) -> dict[str,
 def _asys(args: argparse.Namespace, words: list[str]) -> int:
     if not words:
         raise _Usage("usage: aaau asys [-n SESSION_ID] INSTRUCTION [key=value ...]")
-    instruction, call_args = words[0], {}
-    for item in words[1:]:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise _Usage(f"arguments are key=value, got {item!r}")
-        call_args[key] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
+    from . import agentconfig, agentside
+
+    instruction = words[0].upper()
+    try:
+        call_args = agentside.parse_args(words[1:])
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    inside = os.environ.get(agentconfig.ENV) and args.socket == _default_socket()
+    if args.session is None and inside:
+        return agentside.asys(instruction, call_args)  # inside a session, as its agent
     from . import client
 
-    return client.run_client(
-        client.asys_call, args.socket, args.session, instruction.upper(), call_args
-    )
+    return client.run_client(client.asys_call, args.socket, args.session, instruction, call_args)
 
 
 def _create_detached(sock: str, request: dict[str, Any], as_json: bool) -> int:

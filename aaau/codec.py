@@ -45,7 +45,8 @@ def _strict(kind: type[Any], name: str) -> Any:
 #: fields added within protocol version 2: left out at their default, so that a
 #: client and a server of different builds agree on all but what is new
 _ADDED_IN_VERSION: dict[type, tuple[str, ...]] = {
-    m.Create: ("pipe", "keep"),
+    m.Create: ("pipe", "keep", "grants", "mcp"),
+    m.SessionInfo: ("agent_grants",),
     m.Join: ("rows", "cols"),
     m.Exited: ("reason",),
 }

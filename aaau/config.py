@@ -131,6 +131,27 @@ class Config:
     svc_timeout: float = 60.0
     task_quota: int = 8
     task_ttl: float = 300.0
+    #: ASys for the agent (docs/asys.md): the directory of the sessions' endpoints
+    #: ("": beside the socket's directory, ``/run/aaau`` -> ``/run/aaau-asys``);
+    #: instruction -> groups whose members may grant it to their agents (root and
+    #: admins may grant any; the read-only instructions anyone may)
+    asys_dir: str = ""
+    agent_grants: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    #: the calls one session's agent may make: per second, and in a burst
+    agent_asys_rate: float = 20.0
+    agent_asys_burst: int = 40
+    #: connections one session's endpoint serves at once (``aaau asys``, MCP servers)
+    agent_endpoint_connections: int = 8
+    #: serve MCP on the endpoints (``aaau mcp``) and register it with claude and codex
+    mcp: bool = True
+
+    @property
+    def endpoint_dir(self) -> str:
+        """Where the sessions' ASys endpoints are (see ``asys_dir``)."""
+        if self.asys_dir:
+            return self.asys_dir
+        parent = os.path.dirname(os.path.abspath(self.socket))
+        return parent.rstrip("/") + "-asys"
 
     def __attrs_post_init__(self) -> None:
         if self.client_queue_bytes < self.scrollback_bytes + 65536:
@@ -159,6 +180,9 @@ class Config:
             "sessions_per_user",
             "kill_grace",
             "task_quota",
+            "agent_asys_rate",
+            "agent_asys_burst",
+            "agent_endpoint_connections",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -184,6 +184,8 @@ class Connection:
             await self._framed.send(m.Status(session.info(), session.alive))
         elif isinstance(hello, m.Kill):
             await self._kill(hub.sessions.find(hello.session_id), identity, standing)
+        elif isinstance(hello, m.Revoke):
+            await self._revoke(hub.sessions.find(hello.session_id), identity, standing, hello)
         elif isinstance(hello, m.AsysCall):
             role = policy.max_role(standing, identity.uid)
             ctx = asys.Context(role, identity.user, identity.uid, identity.groups, hub.asys)
@@ -220,6 +222,28 @@ class Connection:
         with trio.move_on_after(3 * session.config.kill_grace + KILL_ANSWER_SLACK):
             await session.wait_ended()
         await self._framed.send(m.Done(f"session {session.id} killed"))
+
+    async def _revoke(
+        self, session: Session, identity: Identity, standing: Standing, req: m.Revoke
+    ) -> None:
+        """Withdraw grants from the session's agent: its Admins and its creator may."""
+        role = policy.max_role(
+            standing, identity.uid, creator_uid=session.creator.uid, shared=session.shared
+        )
+        audit = self._audit.bind(source="human", role=role)
+        if not policy.may_kill(role, identity.uid, creator_uid=session.creator.uid):
+            audit.note("denied", content="revoke", metadata={"instructions": req.instructions})
+            raise RequestError(
+                "only an admin or the session's creator may revoke its agent's grants",
+                code=ErrorCode.FORBIDDEN,
+            )
+        left = session.revoke_grants(req.instructions, audit)
+        await self._framed.send(
+            m.Done(
+                f"revoked {', '.join(req.instructions)}; the agent may call: "
+                f"{', '.join(left) or 'nothing'}"
+            )
+        )
 
     # --- an attached client -------------------------------------------------------------
 

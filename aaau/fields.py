@@ -65,3 +65,18 @@ def check_dimension(name: str, value: int | None) -> None:
 def check_session_id(value: str) -> None:
     if not SESSION_ID.fullmatch(value):
         raise ValueError(f"invalid session id {value!r}")
+
+
+INSTRUCTION: Final = re.compile(r"[A-Z0-9_]{1,64}")
+MAX_GRANTS: Final = 32
+
+
+def check_grants(value: tuple[str, ...] | None) -> None:
+    """ASys instruction names, upper case (``SYS_STATUS``); whether each exists is the server's."""
+    if value is None:
+        return
+    if len(value) > MAX_GRANTS:
+        raise ValueError(f"more than {MAX_GRANTS} instructions")
+    for name in value:
+        if not INSTRUCTION.fullmatch(name):
+            raise ValueError(f"{name[:64]!r} is not an ASys instruction name (SYS_STATUS, ...)")

@@ -20,7 +20,7 @@ from .fields import MAX_ENV as MAX_ENV
 from .fields import PROTOCOL_VERSION as PROTOCOL_VERSION
 from .fields import SESSION_ID as _SESSION_ID
 from .fields import TERM as _TERM
-from .fields import check_argv, check_cwd, check_env
+from .fields import check_argv, check_cwd, check_env, check_grants
 
 
 class Role(enum.Enum):
@@ -54,6 +54,10 @@ def _cwd(_inst: object, _attr: attrs.Attribute[Any], value: str | None) -> None:
     check_cwd(value)
 
 
+def _grants(_inst: object, _attr: attrs.Attribute[Any], value: tuple[str, ...] | None) -> None:
+    check_grants(value)
+
+
 _dimension = [v.ge(1), v.le(MAX_DIMENSION)]
 _session_id = v.matches_re(_SESSION_ID)
 
@@ -78,6 +82,11 @@ class Create:
     #: its last client leaves, unless ``keep``
     pipe: bool = False
     keep: bool = False
+    #: the ASys instructions the agent may call through its session's endpoint
+    #: (None: the read-only ones); bounded by the server's ``agent_grants``
+    grants: tuple[str, ...] | None = attrs.field(default=None, validator=_grants)
+    #: register the session's ASys MCP server with the agent (claude, codex)
+    mcp: bool = False
 
 
 @attrs.frozen
@@ -116,6 +125,26 @@ class Kill:
 
     version: int
     session_id: str = attrs.field(validator=_session_id)
+
+
+@attrs.frozen
+class Revoke:
+    """Withdraw ASys grants from a session's agent, live (an Admin of the session), then close."""
+
+    version: int
+    session_id: str = attrs.field(validator=_session_id)
+    instructions: tuple[str, ...] = attrs.field(validator=_grants)
+
+
+@attrs.frozen
+class McpOpen:
+    """On a session's ASys endpoint only: the connection carries MCP from here on.
+
+    The rest of the connection is DATA frames of MCP's stdio transport (JSON-RPC
+    messages, one per line) both ways: ``aaau mcp`` relays them.
+    """
+
+    version: int
 
 
 # --- client -> server, inside a session ---------------------------------------
@@ -194,9 +223,11 @@ class AsysRequest:
     args: dict[str, int | str] = attrs.field(factory=dict, validator=_asys_args)
 
 
-Hello = Create | Join | ListSessions | QueryStatus | Kill | AsysCall
+Hello = Create | Join | ListSessions | QueryStatus | Kill | AsysCall | Revoke
 SessionRequest = Resize | Viewport | Ping | GetStatus | ForceKill | Detach | InputEof | AsysRequest
-ClientMessage = Create | Join | ListSessions | QueryStatus | Kill | AsysCall | SessionRequest
+ClientMessage = (
+    Create | Join | ListSessions | QueryStatus | Kill | AsysCall | Revoke | McpOpen | SessionRequest
+)
 
 
 # --- server -> client -------------------------------------------------------------
@@ -223,6 +254,8 @@ class SessionInfo:
     cols: int
     shared: bool
     clients: tuple[ClientInfo, ...] = ()
+    #: the ASys instructions its agent may call now (None: from a server without them)
+    agent_grants: tuple[str, ...] | None = None
 
 
 @attrs.frozen

@@ -54,15 +54,18 @@ def create(
     env: dict[str, str] | None = None,
     pipe: bool = False,
     keep: bool = False,
+    grants: tuple[str, ...] | None = None,
+    mcp: bool = False,
 ) -> dict[str, Any]:
     """``create``, checked as :class:`aaau.messages.Create` checks it (ValueError: why not);
-    ``pipe`` and ``keep`` left out when false, as the codec does."""
+    ``pipe``, ``keep``, ``grants`` and ``mcp`` left out at their defaults, as the codec does."""
     fields.check_dimension("rows", rows)
     fields.check_dimension("cols", cols)
     fields.check_term(term)
     fields.check_argv(argv)
     fields.check_cwd(cwd)
     fields.check_env(env or {})
+    fields.check_grants(grants)
     message: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "rows": rows,
@@ -74,6 +77,10 @@ def create(
         "env": dict(env or {}),
     }
     message.update({k: True for k, on in (("pipe", pipe), ("keep", keep)) if on})
+    if grants is not None:
+        message["grants"] = list(grants)
+    if mcp:
+        message["mcp"] = True
     message["type"] = "create"
     return message
 
@@ -101,6 +108,19 @@ def query_status(session_id: str) -> dict[str, Any]:
 
 def kill(session_id: str) -> dict[str, Any]:
     return {"version": PROTOCOL_VERSION, "session_id": _checked(session_id), "type": "kill"}
+
+
+def revoke(session_id: str, instructions: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        fields.check_grants(instructions)
+    except ValueError as exc:
+        raise OneShotError(str(exc)) from None
+    return {
+        "version": PROTOCOL_VERSION,
+        "session_id": _checked(session_id),
+        "instructions": list(instructions),
+        "type": "revoke",
+    }
 
 
 def _checked(session_id: str) -> str:

@@ -41,7 +41,7 @@ from .session import Session
 log = structlog.get_logger("aaau.requests")
 
 #: ASys calls one connection may have running at once
-ASYS_IN_FLIGHT: Final = 4
+ASYS_IN_FLIGHT: Final = asys.IN_FLIGHT
 
 
 class Detached(Exception):

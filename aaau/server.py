@@ -21,7 +21,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from . import asys, credentials, notify, oplog
+from . import asys, credentials, endpoint, notify, oplog
 from .audit import AuditLog
 from .cgroups import Hierarchies, take_delegated
 from .config import Config, load
@@ -49,6 +49,7 @@ RESTART_ONLY: Final = (
     "log_dir",
     "journald",
     "journal_socket",
+    "asys_dir",
 )
 #: after the sessions ended (or their deadline passed), how long connections
 #: get to deliver their last frames before they are cancelled
@@ -99,10 +100,16 @@ class Server:
             async with trio.open_nursery() as sessions_nursery:
                 await sessions_nursery.start(audit.keep)
                 sessions_nursery.start_soon(self._follow_log)
-                self._sessions = sessions = Sessions(
-                    cfg, audit, sessions_nursery, identities, spawner=self._spawner, ledger=ledger
-                )
                 scope = asys.ServerScope(cfg, audit, sessions_nursery)
+                self._sessions = sessions = Sessions(
+                    cfg,
+                    audit,
+                    sessions_nursery,
+                    identities,
+                    spawner=self._spawner,
+                    ledger=ledger,
+                    asys_server=scope,
+                )
                 self._hub = Hub(cfg, groups, audit, sessions, scope)
                 await sessions_nursery.start(scope.status.run)
                 async with trio.open_nursery() as connections:
@@ -138,6 +145,10 @@ class Server:
             )
             held.callback(lock.release)
             held.callback(self._remove_socket, listener)
+            try:
+                endpoint.prepare_dir(cfg.endpoint_dir)
+            except OSError as exc:
+                raise StartupError(f"the agents' ASys endpoints: {exc}") from None
             identities.lock()
             held.callback(identities.unlock)
             held.callback(BaseLock(cfg.cgroup_base, Hierarchies.discover()).release)

@@ -98,6 +98,29 @@ def _run_options(run: argparse.ArgumentParser) -> None:
         "replaces asys_grants)",
     )
     run.add_argument(
+        "--agent-grant",
+        action="append",
+        type=_grant,
+        dest="agent_grants",
+        metavar="INSTRUCTION=GROUP[,GROUP]",
+        help="let these groups' members grant an ASys instruction to their sessions' agents "
+        "(repeatable; replaces agent_grants; admins may grant any)",
+    )
+    run.add_argument(
+        "--agent-asys-rate",
+        type=float,
+        metavar="N",
+        help="ASys calls per second one session's agent may make (default 20; bursts: "
+        "--agent-asys-burst, default 40)",
+    )
+    run.add_argument("--agent-asys-burst", type=int, metavar="N", help=argparse.SUPPRESS)
+    run.add_argument(
+        "--asys-dir",
+        metavar="DIR",
+        help="where the sessions' ASys endpoints are (default: beside the socket's "
+        "directory, /run/aaau -> /run/aaau-asys)",
+    )
+    run.add_argument(
         "--daemon", action="store_true", help="go to the background once the socket is ready"
     )
     run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
@@ -194,8 +217,9 @@ def _settings(args: argparse.Namespace) -> tuple[Config, dict[str, Any], str | N
     overrides = {k: getattr(args, k) for k in _OVERRIDES}
     if overrides.get("svc_allowlist") is not None:
         overrides["svc_allowlist"] = tuple(overrides["svc_allowlist"])
-    if overrides.get("asys_grants") is not None:
-        overrides["asys_grants"] = dict(overrides["asys_grants"])
+    for table in ("asys_grants", "agent_grants"):
+        if overrides.get(table) is not None:
+            overrides[table] = dict(overrides[table])
     path = default_path(args.config)
     try:
         return load(path).with_overrides(**overrides), overrides, path
@@ -255,6 +279,10 @@ _OVERRIDES = (
     "journal_socket",
     "svc_allowlist",
     "asys_grants",
+    "agent_grants",
+    "agent_asys_rate",
+    "agent_asys_burst",
+    "asys_dir",
 )
 
 

@@ -23,10 +23,12 @@ from typing import Final
 
 import trio
 
-from . import asys, eof, reaper
+from . import asys, endpoint, eof, reaper
 from . import messages as m
+from .asys import ServerScope
 from .audit import AuditLog, BoundAudit
 from .config import Config
+from .endpoint import Endpoint
 from .errors import ErrorCode, RequestError
 from .members import Attachment, Members
 from .outbox import Outbox
@@ -79,8 +81,14 @@ class Session:
         spawner: Spawner,
         on_end: Callable[[Session], Awaitable[None]],
         on_started: Callable[[Session, Agent], None] = lambda _s, _a: None,
+        grants: frozenset[str] = frozenset(),
+        asys_server: ServerScope | None = None,
     ) -> None:
         self.id = session_id
+        #: what the agent may call through its endpoint (served only with ``asys_server``)
+        self.grants = grants
+        self._asys_server = asys_server
+        self._endpoint: Endpoint | None = None
         self.creator = creator
         self.argv = argv
         self.shared = shared
@@ -92,11 +100,11 @@ class Session:
         self.exit_status: m.Exited | None = None
         #: why the session was ended, if it was (a person, the server, its pipe client)
         self.end_reason: str | None = None
-        self._audit = audit.bind(session_id=session_id)
+        self.audit = audit.bind(session_id=session_id)
         self.members = Members(
-            session_id, self._audit, creator_uid=creator.uid, shared=shared, config=config
+            session_id, self.audit, creator_uid=creator.uid, shared=shared, config=config
         )
-        self.output = SessionOutput(self.members, self._audit, config, cols, rows)
+        self.output = SessionOutput(self.members, self.audit, config, cols, rows)
         self.views = Views(self.members, self.output)
         self._spawner = spawner
         self._on_end = on_end
@@ -126,16 +134,22 @@ class Session:
         agent that dies at once reports its exit to the one who started it. A
         spawn failure is raised to the caller of ``nursery.start``.
         """
-        agent = await self._spawner.start(plan, rows=self.rows, cols=self.cols)
+        self._endpoint = endpoint.open_for(self._asys_server, self.id, plan.gid, self.audit)
+        try:
+            agent = await self._spawner.start(plan, rows=self.rows, cols=self.cols)
+        except BaseException:
+            endpoint.close(self._endpoint)
+            raise
         self._agent = agent
         self._pty = PtyMaster(agent.master_fd)
         self._input = PtyInput(self._pty, _reads(agent, self._pty), sticky_eof=plan.pipe)
         self.asys = asys.session_scope(self.id, plan.uid, agent.pid, agent.cgroups)
+        self.asys.agent_grants.update(self.grants)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.state = SessionState.RUNNING
-                self._audit_start(agent)
+                _audit_start(self, agent)
                 self._on_started(self, agent)
                 task_status.started(self.attach(self.creator, *creator, None, created=True))
                 out = self.output
@@ -143,6 +157,8 @@ class Session:
                 nursery.start_soon(reader.run)
                 nursery.start_soon(self._input.run)
                 nursery.start_soon(self.views.serve)
+                if self._endpoint is not None:
+                    nursery.start_soon(self._endpoint.serve, self.asys, plan.user)
                 await agent.process.wait()
                 self.state = SessionState.ENDING
                 await self._end_processes(agent)
@@ -153,17 +169,13 @@ class Session:
             with trio.CancelScope(shield=True):
                 await self._finish(agent)
 
+    def revoke_grants(self, names: tuple[str, ...], audit: BoundAudit) -> list[str]:
+        """Withdraw grants from the agent, from its next call on; what it keeps."""
+        self.grants = endpoint.revoke(self.asys, names, audit)
+        return sorted(self.grants)
+
     def _read_size(self) -> int:
         return max(4096, min(READ_SIZE, self.config.client_queue_bytes // 4))
-
-    def _audit_start(self, agent: Agent) -> None:
-        self._audit.note(
-            "session_start",
-            user=self.creator.user,
-            uid=self.creator.uid,
-            content=f"Agent PID {agent.pid}",
-            metadata=_start_metadata(agent, self.shared, self.rows, self.cols),
-        )
 
     async def _end_processes(self, agent: Agent) -> None:
         """Resume what ASys stopped, lift isolation, end whatever the agent left behind."""
@@ -179,8 +191,9 @@ class Session:
                 await agent.process.wait()
         else:
             await self.asys.close()
+        endpoint.close(self._endpoint)
         self.exit_status = _exit_status(agent.process.returncode, self.end_reason)
-        self._audit_end(self.exit_status)
+        _audit_end(self, self.exit_status)
         self.members.hang_up_all(self.exit_status, self.config.shutdown_grace)
         self._input.abandon()
         await self._pty.aclose()
@@ -188,22 +201,6 @@ class Session:
         self.state = SessionState.ENDED
         await self._on_end(self)
         self._ended.set()
-
-    def _audit_end(self, status: m.Exited) -> None:
-        code, sig = status.code, status.signal
-        self._audit.note(
-            "session_end",
-            user=self.creator.user,
-            uid=self.creator.uid,
-            content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
-            metadata={
-                "exit_code": code,
-                "signal": sig,
-                "force_killed": self.end_reason is not None,
-                "end_reason": self.end_reason,
-                **self.output.end_metadata(),
-            },
-        )
 
     # --- output ------------------------------------------------------------------------
 
@@ -291,20 +288,55 @@ class Session:
         )
 
     def info(self) -> m.SessionInfo:
-        agent = getattr(self, "_agent", None)
-        return m.SessionInfo(
-            session_id=self.id,
-            creator=self.creator.user,
-            creator_uid=self.creator.uid,
-            argv=self.argv,
-            pid=agent.pid if agent else 0,
-            pty=agent.pty if agent else "",
-            created_at=self.created_at,
-            rows=self.rows,
-            cols=self.cols,
-            shared=self.shared,
-            clients=self.members.infos(),
-        )
+        return _info(self)
+
+
+def _info(session: Session) -> m.SessionInfo:
+    agent = getattr(session, "_agent", None)
+    return m.SessionInfo(
+        session_id=session.id,
+        creator=session.creator.user,
+        creator_uid=session.creator.uid,
+        argv=session.argv,
+        pid=agent.pid if agent else 0,
+        pty=agent.pty if agent else "",
+        created_at=session.created_at,
+        rows=session.rows,
+        cols=session.cols,
+        shared=session.shared,
+        clients=session.members.infos(),
+        agent_grants=tuple(sorted(session.grants)),
+    )
+
+
+def _audit_start(session: Session, agent: Agent) -> None:
+    session.audit.note(
+        "session_start",
+        user=session.creator.user,
+        uid=session.creator.uid,
+        content=f"Agent PID {agent.pid}",
+        metadata={
+            **_start_metadata(agent, session.shared, session.rows, session.cols),
+            "agent_grants": sorted(session.grants),
+        },
+    )
+
+
+def _audit_end(session: Session, status: m.Exited) -> None:
+    code, sig = status.code, status.signal
+    session.audit.note(
+        "session_end",
+        user=session.creator.user,
+        uid=session.creator.uid,
+        content=f"exit code {code}" if sig is None else f"killed by signal {sig}",
+        metadata={
+            "exit_code": code,
+            "signal": sig,
+            "force_killed": session.end_reason is not None,
+            "end_reason": session.end_reason,
+            **session.output.end_metadata(),
+        },
+    )
 
 
 def _start_metadata(agent: Agent, shared: bool, rows: int, cols: int) -> dict[str, object]:

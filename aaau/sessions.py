@@ -15,7 +15,7 @@ from functools import partial
 import structlog
 import trio
 
-from . import credentials, policy, spawn
+from . import agentconfig, asys, credentials, endpoint, policy, spawn
 from . import messages as m
 from .audit import AuditLog
 from .config import Config
@@ -50,8 +50,11 @@ class Sessions:
         *,
         spawner: spawn.Spawner | None = None,
         ledger: Ledger | None = None,
+        asys_server: asys.ServerScope | None = None,
     ) -> None:
         self.config = config
+        #: what the sessions' ASys endpoints serve with (None: no endpoints)
+        self.asys_server = asys_server
         self._audit = audit
         self._nursery = nursery
         self._identities = identities
@@ -98,7 +101,19 @@ class Sessions:
                 code=ErrorCode.LIMIT,
             )
 
-    def _plan(self, session_id: str, req: m.Create, account: Account) -> spawn.SpawnPlan:
+    def _grants(self, identity: Identity, standing: Standing, req: m.Create) -> frozenset[str]:
+        """What the agent may call (checked against the ceiling before anything starts)."""
+        try:
+            return asys.agent_grants(
+                req.grants, self.config, identity.groups, standing is Standing.ADMIN
+            )
+        except ValueError as exc:
+            raise RequestError(str(exc), code=ErrorCode.FORBIDDEN) from None
+
+    def _plan(
+        self, session_id: str, req: m.Create, account: Account, grants: frozenset[str]
+    ) -> spawn.SpawnPlan:
+        with_endpoint = grants and self.asys_server is not None
         return spawn.plan(
             self.config,
             account,
@@ -108,6 +123,8 @@ class Sessions:
             cwd=req.cwd,
             extra_env=req.env,
             pipe=req.pipe,
+            endpoint=endpoint.path_for(self.config, session_id) if with_endpoint else None,
+            mcp=req.mcp,
         )
 
     async def create(
@@ -115,6 +132,7 @@ class Sessions:
     ) -> tuple[Session, Attachment]:
         """Start a session for ``identity``; its creator is attached with ``outbox``."""
         self._check_limits(identity)
+        grants = self._grants(identity, standing, req)
         if not self._audit.available:
             raise RequestError(
                 f"the audit log cannot be written now ({self._audit.failure}): "
@@ -125,7 +143,7 @@ class Sessions:
         audit = self._audit.bind(user=identity.user, uid=identity.uid, session_id=session_id)
         account = self._identities.acquire(identity, session_id)
         try:
-            plan = self._plan(session_id, req, account)
+            plan = self._plan(session_id, req, account, grants)
         except spawn.SpawnError as exc:
             await self._identities.release(account)
             raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
@@ -142,6 +160,8 @@ class Sessions:
             spawner=self._spawner,
             on_end=self._ended,
             on_started=self._started,
+            grants=grants,
+            asys_server=self.asys_server if plan.env.get(agentconfig.ENV) else None,
         )
         # registered before it starts: the limits count it, and an agent that ends
         # at once takes it out again (list and join skip what is not alive)

@@ -24,14 +24,14 @@ from typing import Protocol
 import attrs
 import trio
 
-from . import cgroups
+from . import agentconfig, cgroups
 from .cgroups import SessionCgroups
 from .config import Config, IdentityMode
 from .identities import Account
 from .pty import set_winsize
 
 #: Variables a client's ``-e`` may not override: they say who the agent is.
-PROTECTED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "AAAU_SESSION_ID"})
+PROTECTED_ENV = frozenset({"HOME", "USER", "LOGNAME", "SHELL", "AAAU_SESSION_ID", "AAAU_ASYS"})
 
 
 #: How long the launcher may take to exec the agent (PAM included).
@@ -65,6 +65,10 @@ class SpawnPlan:
     cgroups: tuple[str, ...] = ()
     #: the client has no terminal: no echo, no CRLF on the agent's terminal
     pipe: bool = False
+    #: claude: the launcher adds (True) or removes (False) the aaau MCP server in
+    #: ~/.claude.json, as the agent user (None: not claude)
+    register_claude: bool | None = None
+    mcp_command: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -98,9 +102,7 @@ class Launcher:
 
     async def start(self, plan: SpawnPlan, *, rows: int, cols: int) -> Agent:
         caps = cgroups.Caps(pids_max=plan.pids_max, memory_max=plan.memory_max)
-        made = cgroups.create(
-            self.cgroup_base, plan.env["AAAU_SESSION_ID"], caps, self.hierarchies
-        )
+        made = cgroups.create(self.cgroup_base, plan.env["AAAU_SESSION_ID"], caps, self.hierarchies)
         plan = attrs.evolve(plan, cgroups=tuple(str(d) for d in made.dirs))
         try:
             agent = await spawn(plan, rows=rows, cols=cols)
@@ -137,31 +139,26 @@ def plan(
     cwd: str | None,
     extra_env: dict[str, str],
     pipe: bool = False,
+    endpoint: str | None = None,
+    mcp: bool = False,
 ) -> SpawnPlan:
-    """What to run and how, built from scratch: nothing of the server's environment."""
+    """What to run and how, built from scratch: nothing of the server's environment.
+
+    ``endpoint``: the session's ASys endpoint (``$AAAU_ASYS``; None: the agent has
+    no ASys); ``mcp``: register ``aaau mcp`` with claude or codex (see
+    :mod:`aaau.agentconfig`)."""
     if account.uid == 0 or account.gid == 0:
         raise SpawnError(f"agent user {account.user} is root: refusing to run agents")
     shell = account.shell or "/bin/sh"
-    if argv is None:
-        argv = config.default_program or None
-    full_argv: tuple[str, ...]
-    if argv is None:
-        # the agent user's shell as a login shell, by the argv[0] convention
-        executable, full_argv = shell, ("-" + os.path.basename(shell),)
-    else:
-        executable, full_argv = argv[0], tuple(argv)
-    bad = sorted(PROTECTED_ENV & extra_env.keys())
-    if bad:
-        raise SpawnError(f"environment variables may not be set by a client: {', '.join(bad)}")
-    env = {"PATH": config.path, "LANG": config.lang, **extra_env}
-    env.update(
-        HOME=account.home,
-        USER=account.user,
-        LOGNAME=account.user,
-        SHELL=shell,
-        TERM=term,
-        AAAU_SESSION_ID=session_id,
-    )
+    executable, full_argv = _program(config, argv, shell)
+    env = _environment(config, account, shell, term, session_id, extra_env)
+    if endpoint is not None:
+        env[agentconfig.ENV] = endpoint
+    kind = agentconfig.agent_kind(executable) if argv or config.default_program else None
+    command = mcp_command()
+    register = mcp and endpoint is not None and config.mcp
+    if kind == "codex" and register and endpoint is not None:
+        full_argv = agentconfig.codex_argv(full_argv, list(command), endpoint)
     return SpawnPlan(
         user=account.user,
         uid=account.uid,
@@ -180,7 +177,52 @@ def plan(
             "confine": config.confine,
         },
         pipe=pipe,
+        register_claude=register if kind == "claude" else None,
+        mcp_command=command,
     )
+
+
+def _program(
+    config: Config, argv: tuple[str, ...] | None, shell: str
+) -> tuple[str, tuple[str, ...]]:
+    """The executable and its argv: the client's, the server's default, or a login shell."""
+    if argv is None:
+        argv = config.default_program or None
+    if argv is None:
+        # the agent user's shell as a login shell, by the argv[0] convention
+        return shell, ("-" + os.path.basename(shell),)
+    return argv[0], tuple(argv)
+
+
+def _environment(
+    config: Config,
+    account: Account,
+    shell: str,
+    term: str,
+    session_id: str,
+    extra_env: dict[str, str],
+) -> dict[str, str]:
+    bad = sorted(PROTECTED_ENV & extra_env.keys())
+    if bad:
+        raise SpawnError(f"environment variables may not be set by a client: {', '.join(bad)}")
+    env = {"PATH": config.path, "LANG": config.lang, **extra_env}
+    env.update(
+        HOME=account.home,
+        USER=account.user,
+        LOGNAME=account.user,
+        SHELL=shell,
+        TERM=term,
+        AAAU_SESSION_ID=session_id,
+    )
+    return env
+
+
+def mcp_command() -> tuple[str, ...]:
+    """How the agent starts ``aaau mcp``: the client installed beside this interpreter."""
+    beside = os.path.join(os.path.dirname(sys.executable), "aaau")
+    if os.access(beside, os.X_OK):
+        return (beside, "mcp")
+    return (sys.executable, "-I", "-m", "aaau", "mcp")
 
 
 def quiet_terminal(fd: int) -> None:
@@ -279,9 +321,7 @@ async def spawn(p: SpawnPlan, *, rows: int, cols: int) -> Agent:
             process.kill()
         os.close(master)
         raise SpawnError(error)
-    return Agent(
-        process=process, master_fd=master, pty=pty, pid=process.pid, plan=p, notes=notes
-    )
+    return Agent(process=process, master_fd=master, pty=pty, pid=process.pid, plan=p, notes=notes)
 
 
 async def close_pam_session(p: SpawnPlan) -> None:

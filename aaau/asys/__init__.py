@@ -24,15 +24,18 @@ from ..cgroups import SessionCgroups
 from ..config import Config
 from ..messages import Role
 from . import network, process, system, tasks
-from .base import SW, AsysError, Context, Instruction, SessionScope
+from .base import IN_FLIGHT, SW, AsysError, Context, Instruction, SessionScope
 
 __all__ = [
+    "DEFAULT_AGENT_GRANTS",
+    "IN_FLIGHT",
     "SW",
     "TABLE",
     "Context",
     "Instruction",
     "ServerScope",
     "SessionScope",
+    "agent_grants",
     "call",
     "dispatch",
     "session_scope",
@@ -78,18 +81,57 @@ def session_scope(
     return scope
 
 
-def _granted(instr: Instruction, ctx: Context) -> bool:
-    if instr.read_only or ctx.role is Role.ADMIN:
-        return True
-    if ctx.role is Role.READONLY:
-        return False
-    for name in ctx.server.config.asys_grants.get(instr.name, ()):
+#: what a session's agent may call when its creator chose nothing: the read-only facts
+DEFAULT_AGENT_GRANTS: tuple[str, ...] = tuple(n for n, i in TABLE.items() if i.read_only)
+
+
+def _in_groups(names: tuple[str, ...], groups: frozenset[int]) -> bool:
+    for name in names:
         try:
-            if grp.getgrnam(name).gr_gid in ctx.groups:
+            if grp.getgrnam(name).gr_gid in groups:
                 return True
         except KeyError:
             continue
     return False
+
+
+def agent_grants(
+    wanted: tuple[str, ...] | None, config: Config, groups: frozenset[int], admin: bool
+) -> frozenset[str]:
+    """What a creator may let the agent call: ``wanted`` (None: the read-only facts),
+    checked against the table and the ceiling (``agent_grants``; root and admins: any).
+
+    Raises ValueError naming what is unknown or above the ceiling."""
+    if wanted is None:
+        return frozenset(DEFAULT_AGENT_GRANTS)
+    unknown = sorted(set(wanted) - TABLE.keys())
+    if unknown:
+        raise ValueError(
+            f"no such ASys instruction: {', '.join(unknown)} (known: {', '.join(TABLE)})"
+        )
+    above = sorted(
+        name
+        for name in set(wanted)
+        if not TABLE[name].read_only
+        and not admin
+        and not _in_groups(config.agent_grants.get(name, ()), groups)
+    )
+    if above:
+        raise ValueError(
+            f"you may not grant {', '.join(above)} to an agent: the server's agent_grants "
+            "names the groups that may (an admin can add yours)"
+        )
+    return frozenset(wanted)
+
+
+def _granted(instr: Instruction, ctx: Context) -> bool:
+    if ctx.grants is not None:  # the agent: exactly what its session grants, nothing by role
+        return instr.name in ctx.grants
+    if instr.read_only or ctx.role is Role.ADMIN:
+        return True
+    if ctx.role is Role.READONLY:
+        return False
+    return _in_groups(ctx.server.config.asys_grants.get(instr.name, ()), ctx.groups)
 
 
 def _available(instr: Instruction, ctx: Context) -> bool:
@@ -133,6 +175,8 @@ async def dispatch(name: str, args: dict[str, Any], ctx: Context) -> tuple[SW, A
     if not _available(instr, ctx):
         return SW.NOT_FOUND, None, f"{name} works inside a session only: use -n SESSION_ID"
     if not _granted(instr, ctx):
+        if ctx.is_agent:
+            return SW.DENIED, None, f"{name} is not granted to this session's agent"
         return SW.DENIED, None, f"{name} is not allowed for role {ctx.role.value}"
     try:
         typed: Any = codec.converter.structure(args, instr.args)

@@ -19,6 +19,8 @@ from ..messages import Role, StatusWord
 
 #: the status words (an enum of the protocol's vocabulary), under ASys's short name
 SW = StatusWord
+#: calls one connection may have running at once; one more is answered 6400 at once
+IN_FLIGHT = 4
 
 
 class AsysError(Exception):
@@ -45,6 +47,14 @@ class SessionScope:
     #: closers registered by instruction families (tasks, isolation)
     closers: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list)
     extras: dict[str, Any] = attrs.field(factory=dict)
+    #: what the agent may call through the session's endpoint; Admins revoke live
+    agent_grants: set[str] = attrs.field(factory=set)
+
+    def has_process(self, pid: int) -> bool:
+        """Is ``pid`` a live process of this session (its cgroup, else its tty session)?"""
+        if self.cgroups is not None and self.cgroups.dirs:
+            return pid in self.cgroups.pids()
+        return _tty_session_of(pid) == self.tty_session
 
     @property
     def cgroup(self) -> Path | None:
@@ -67,17 +77,39 @@ class Context:
     groups: frozenset[int]
     server: Any  # aaau.asys.ServerScope; Any to keep the import graph one-way
     session: SessionScope | None = None
+    #: "human", or "agent": the session's agent, through its endpoint, held to ``grants``
+    source: str = "human"
+    grants: frozenset[str] | None = None
+
+    @property
+    def is_agent(self) -> bool:
+        return self.source == "agent"
+
+    @property
+    def role_name(self) -> str:
+        """What SYS_CAPS and the audit call this caller: its role, or ``agent``."""
+        return "agent" if self.is_agent else self.role.value
 
     def bind_audit(self) -> BoundAudit:
         """The audit log with this caller filled in."""
         audit: AuditLog = self.server.audit
         return audit.bind(
-            source="human",
+            source=self.source,
             user=self.user,
             uid=self.uid,
-            role=self.role,
+            role=self.role_name,
             session_id=self.session.session_id if self.session else None,
         )
+
+
+def _tty_session_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    rest = stat[stat.rfind(b")") + 2 :].split()  # state ppid pgrp session ...
+    return int(rest[3]) if len(rest) > 3 and rest[0] != b"Z" else None
 
 
 Handler = Callable[[Context, Any], Awaitable[dict[str, Any]]]

@@ -127,6 +127,12 @@ async def net_isolate(ctx: Context, args: IsolateArgs) -> dict[str, Any]:
         raise AsysError(
             SW.WRONG_DATA, f"action must be 'isolate' or 'restore', got {args.action!r}"
         )
+    if args.action == "restore" and ctx.is_agent:
+        raise AsysError(
+            SW.DENIED,
+            "the agent may ask for isolation but never lift it: a person in the session "
+            "with NET_ISOLATE can",
+        )
     _nft()
     if scope.cgroup is None:
         raise AsysError(

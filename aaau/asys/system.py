@@ -67,7 +67,7 @@ def machine_facts() -> dict[str, Any]:
 async def sys_caps(ctx: Context, _args: NoArgs) -> dict[str, Any]:
     from . import allowed_instructions
 
-    return {**machine_facts(), "role": ctx.role.value, "instructions": allowed_instructions(ctx)}
+    return {**machine_facts(), "role": ctx.role_name, "instructions": allowed_instructions(ctx)}
 
 
 # --- SYS_HELLO --------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
 _shtab_aaau_log_subparsers=(ls show replay grep export verify)
-_shtab_aaau_subparsers=(claude codex ls status kill join asys run log)
+_shtab_aaau_subparsers=(claude codex ls status kill join asys run revoke mcp log)
 
 _shtab_aaau_claude_option_strings=(-h --help)
 _shtab_aaau_codex_option_strings=(-h --help)
@@ -15,7 +15,9 @@ _shtab_aaau_status_option_strings=(-h --help -s --socket --json)
 _shtab_aaau_kill_option_strings=(-h --help -s --socket --json)
 _shtab_aaau_join_option_strings=(-h --help -s --socket --json -r --read-only)
 _shtab_aaau_asys_option_strings=(-h --help -s --socket --json -n --session)
-_shtab_aaau_run_option_strings=(-h --help -s --socket --json --share --keep -C --cwd -e --env -d --detach)
+_shtab_aaau_run_option_strings=(-h --help -s --socket --json --share --keep -C --cwd -e --env --grant --no-mcp -d --detach)
+_shtab_aaau_revoke_option_strings=(-h --help -s --socket --json)
+_shtab_aaau_mcp_option_strings=(-h --help -s --socket --json)
 _shtab_aaau_log_ls_option_strings=(-h --help --user --since --until --json)
 _shtab_aaau_log_show_option_strings=(-h --help --json)
 _shtab_aaau_log_replay_option_strings=(-h --help --speed --from --idle-limit)
@@ -23,13 +25,13 @@ _shtab_aaau_log_grep_option_strings=(-h --help --input --output --user -i --igno
 _shtab_aaau_log_export_option_strings=(-h --help --format -o --output)
 _shtab_aaau_log_verify_option_strings=(-h --help --head)
 _shtab_aaau_log_option_strings=(-h --help --log-dir --config)
-_shtab_aaau_option_strings=(-h --help --version -s --socket --json -p --program -n --session -r --read-only --share --keep -C --cwd -e --env -d --detach)
+_shtab_aaau_option_strings=(-h --help --version -s --socket --json -p --program -n --session -r --read-only --share --keep -C --cwd -e --env --grant --no-mcp -d --detach)
 
 
 
 _shtab_aaau_log_export___format_choices=(asciicast-v2 asciicast-v3 tlog)
 _shtab_aaau_log_pos_0_choices=(ls show replay grep export verify)
-_shtab_aaau_pos_0_choices=(claude codex ls status kill join asys run log)
+_shtab_aaau_pos_0_choices=(claude codex ls status kill join asys run revoke mcp log)
 
 _shtab_aaau_claude__h_nargs=0
 _shtab_aaau_claude___help_nargs=0
@@ -59,8 +61,16 @@ _shtab_aaau_run___help_nargs=0
 _shtab_aaau_run___json_nargs=0
 _shtab_aaau_run___share_nargs=0
 _shtab_aaau_run___keep_nargs=0
+_shtab_aaau_run___no_mcp_nargs=0
 _shtab_aaau_run__d_nargs=0
 _shtab_aaau_run___detach_nargs=0
+_shtab_aaau_revoke_pos_1_nargs=+
+_shtab_aaau_revoke__h_nargs=0
+_shtab_aaau_revoke___help_nargs=0
+_shtab_aaau_revoke___json_nargs=0
+_shtab_aaau_mcp__h_nargs=0
+_shtab_aaau_mcp___help_nargs=0
+_shtab_aaau_mcp___json_nargs=0
 _shtab_aaau_log_ls__h_nargs=0
 _shtab_aaau_log_ls___help_nargs=0
 _shtab_aaau_log_ls___json_nargs=0
@@ -94,6 +104,7 @@ _shtab_aaau__r_nargs=0
 _shtab_aaau___read_only_nargs=0
 _shtab_aaau___share_nargs=0
 _shtab_aaau___keep_nargs=0
+_shtab_aaau___no_mcp_nargs=0
 _shtab_aaau__d_nargs=0
 _shtab_aaau___detach_nargs=0
 
