@@ -14,9 +14,11 @@ closes. The MCP server behind it is the SDK's, run by the aaau server
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import selectors
+import socket
 import sys
 from typing import Any, Final
 
@@ -41,7 +43,20 @@ def endpoint() -> str:
 
 
 def _connect(path: str) -> oneshot.Link:
-    return oneshot.Link(oneshot.connect(path, oneshot.TIMEOUT))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(oneshot.TIMEOUT)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            why = "there is none: the session has ended (or $AAAU_ASYS is not its endpoint)"
+        elif exc.errno == errno.EACCES:
+            why = "permission denied: only the session's agent may use it"
+        else:
+            why = exc.strerror or str(exc)
+        raise oneshot.OneShotError(f"cannot reach the ASys endpoint {path}: {why}") from None
+    return oneshot.Link(sock)
 
 
 def _fail_on_error(message: dict[str, Any]) -> None:

@@ -134,7 +134,7 @@ async def serve(framed: FramedStream, call: Call, grants: Grants) -> None:
                 text = item.message.model_dump_json(by_alias=True, exclude_unset=True)
                 await framed.send_frame(data_frame(text.encode() + b"\n"))
 
-    async with trio.open_nursery() as nursery:
+    async with from_peer, to_peer, trio.open_nursery() as nursery:
         nursery.start_soon(relay_out)
         nursery.start_soon(server.run, from_peer, to_peer, server.create_initialization_options())
         await relay_in()

@@ -340,3 +340,24 @@ async def test_claude_lists_the_aaau_mcp_server_as_connected(server: ServerProc)
     await off.expect(m.Exited, timeout=60)
     assert b"aaau:" not in off.output
     assert "aaau" not in json.loads((home / ".claude.json").read_text()).get("mcpServers", {})
+
+
+async def test_codex_gets_the_aaau_mcp_server_for_its_run(server: ServerProc) -> None:
+    """codex passes MCP servers only some of its environment: the server and the
+    endpoint come as -c options of this run (codex's own view: codex mcp list)."""
+    assert shutil.which("codex"), "the test command installs codex (npm)"
+    peer, welcome = await server.create(
+        ALICE, ("codex", "mcp", "list", "--json"), pipe=True, keep=True, mcp=True
+    )
+    exited = await peer.expect(m.Exited, timeout=60)
+    assert exited.code == 0, bytes(peer.output[-2000:])
+    listed = json.loads(peer.output[peer.output.index(b"[") :])
+    (aaau,) = [s for s in listed if s["name"] == "aaau"]
+    endpoint = os.path.join(_endpoint_dir(server), welcome.session_id)
+    assert aaau["transport"]["args"] == ["mcp"]
+    assert aaau["transport"]["env"] == {"AAAU_ASYS": endpoint}
+    start = server.records("session_start", session_id=welcome.session_id)[0]["metadata"]
+    assert start["argv"][1:3] == [
+        "-c",
+        f'mcp_servers.aaau.command="{aaau["transport"]["command"]}"',
+    ]

@@ -1,0 +1,258 @@
+"""The agent's ASys without a server: grants, schemas, registration, frames, the MCP bridge."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from aaau import agentconfig, agentside, asys, cli, codec, mcpserver, oneshot
+from aaau import messages as m
+from aaau.asys.schema import input_schema
+from aaau.config import Config
+from aaau.framing import FramedStream
+from aaau.protocol import Kind, data_frame
+
+V = m.PROTOCOL_VERSION
+CMD = ["/opt/aaau/bin/aaau", "mcp"]
+
+
+# --- grants -------------------------------------------------------------------------------------
+
+
+def test_the_default_grants_are_the_read_only_facts() -> None:
+    granted = asys.agent_grants(None, Config(), frozenset(), admin=False)
+    assert granted == {"SYS_CAPS", "SYS_HELLO", "SYS_STATUS", "SYS_PROCS", "TASK_QUERY"}
+    assert all(asys.TABLE[name].read_only for name in granted)
+
+
+def test_grants_above_the_ceiling_or_unknown_are_refused() -> None:
+    cfg = Config(agent_grants={"PROC_THROTTLE": ("root",)})  # gid 0
+    assert asys.agent_grants(("PROC_THROTTLE",), cfg, frozenset({0}), admin=False) == {
+        "PROC_THROTTLE"
+    }
+    with pytest.raises(ValueError, match="may not grant NET_ISOLATE, PROC_THROTTLE"):
+        asys.agent_grants(("PROC_THROTTLE", "NET_ISOLATE"), cfg, frozenset({5}), admin=False)
+    assert asys.agent_grants(("NET_ISOLATE",), cfg, frozenset(), admin=True) == {"NET_ISOLATE"}
+    with pytest.raises(ValueError, match="no such ASys instruction: SYS_X"):
+        asys.agent_grants(("SYS_X",), cfg, frozenset(), admin=True)
+    assert asys.agent_grants((), cfg, frozenset(), admin=False) == frozenset()
+
+
+async def test_the_agent_gets_exactly_its_grants_whatever_its_role() -> None:
+    scope = asys.SessionScope("s", 1000, 1, None)
+    ctx = asys.Context(
+        m.Role.ADMIN, "agent", 1000, frozenset(), object(), scope, "agent", frozenset({"SYS_CAPS"})
+    )
+    assert asys.allowed_instructions(ctx) == ["SYS_CAPS"]
+    sw, result, message = await asys.dispatch("SYS_HELLO", {}, ctx)
+    assert (sw, result) == (asys.SW.DENIED, None)
+    assert message == "SYS_HELLO is not granted to this session's agent"
+    ctx.grants = frozenset({"NET_ISOLATE"})
+    sw, _, message = await asys.dispatch("NET_ISOLATE", {"action": "restore"}, ctx)
+    assert sw == asys.SW.DENIED and "never lift it" in message
+
+
+# --- the tools' schemas ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(asys.TABLE))
+def test_each_tool_schema_matches_its_argument_class(name: str) -> None:
+    instr = asys.TABLE[name]
+    schema = input_schema(instr)
+    fields = {f.name: f for f in attrs.fields(instr.args)}
+    assert schema["type"] == "object" and schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(fields)
+    required = {n for n, f in fields.items() if f.default is attrs.NOTHING}
+    assert set(schema.get("required", ())) == required
+    sample = {
+        n: (3 if p["type"] == "integer" else p.get("enum", ["nginx"])[0])
+        for n, p in schema["properties"].items()
+    }
+    codec.converter.structure(sample, instr.args)  # what the schema allows, cattrs takes
+
+
+# --- registering the MCP server -------------------------------------------------------------------
+
+
+def test_claude_config_gains_and_loses_our_entry_only() -> None:
+    added = agentconfig.updated_claude_config('{"theme": "dark"}', CMD, True)
+    assert added is not None
+    config = json.loads(added)
+    assert config["theme"] == "dark"
+    assert config["mcpServers"]["aaau"] == {
+        "type": "stdio",
+        "command": CMD[0],
+        "args": ["mcp"],
+        "env": {},
+    }
+    assert agentconfig.updated_claude_config(added, CMD, True) is None  # already there
+    removed = agentconfig.updated_claude_config(added, CMD, False)
+    assert removed is not None and json.loads(removed)["mcpServers"] == {}
+    theirs = json.dumps({"mcpServers": {"aaau": {"command": "/usr/bin/other"}}})
+    assert agentconfig.updated_claude_config(theirs, CMD, False) is None
+    for broken in ("[1, 2]", "{not json", '{"mcpServers": 3}'):
+        assert agentconfig.updated_claude_config(broken, CMD, True) is None
+    assert json.loads(agentconfig.updated_claude_config(None, CMD, True) or "")["mcpServers"]
+
+
+def test_register_claude_writes_the_file_privately(tmp_path: Path) -> None:
+    assert agentconfig.register_claude(str(tmp_path), CMD, True) == "registered"
+    path = tmp_path / ".claude.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert agentconfig.register_claude(str(tmp_path), CMD, True) == "registered"
+    assert agentconfig.register_claude(str(tmp_path), CMD, False) == "removed"
+    assert agentconfig.register_claude(str(tmp_path), CMD, False) == "unchanged"
+    path.write_text("[]")
+    assert agentconfig.register_claude(str(tmp_path), CMD, True).startswith("skipped")
+    assert path.read_text() == "[]"  # a file we do not understand is left as it is
+    assert [p.name for p in tmp_path.iterdir()] == [".claude.json"]  # no temporary left
+
+
+def test_codex_gets_its_server_as_options_of_the_run() -> None:
+    argv = agentconfig.codex_argv(("codex", "--full-auto", "fix it"), CMD, "/run/aaau-asys/k")
+    assert argv[0] == "codex" and argv[-2:] == ("--full-auto", "fix it")
+    assert argv[1:7:2] == ("-c", "-c", "-c")
+    assert argv[2] == 'mcp_servers.aaau.command="/opt/aaau/bin/aaau"'
+    assert argv[4] == 'mcp_servers.aaau.args=["mcp"]'
+    assert argv[6] == 'mcp_servers.aaau.env={AAAU_ASYS="/run/aaau-asys/k"}'
+    assert agentconfig.agent_kind("/usr/bin/claude") == "claude"
+    assert agentconfig.agent_kind("claude-x") is None
+
+
+# --- the client side ----------------------------------------------------------------------------
+
+
+def test_light_frames_are_the_codecs() -> None:
+    light = oneshot.create(
+        rows=24, cols=80, term="xterm", argv=("claude",), grants=("SYS_STATUS",), mcp=True
+    )
+    typed = m.Create(V, 24, 80, "xterm", ("claude",), grants=("SYS_STATUS",), mcp=True)
+    assert oneshot.frame(light) == codec.encode(typed)
+    plain = oneshot.create(rows=24, cols=80, term="xterm", argv=None)
+    assert oneshot.frame(plain) == codec.encode(m.Create(V, 24, 80, "xterm"))
+    revoke = oneshot.revoke("k3x9", ("SYS_STATUS", "PROC_THROTTLE"))
+    assert oneshot.frame(revoke) == codec.encode(
+        m.Revoke(V, "k3x9", ("SYS_STATUS", "PROC_THROTTLE"))
+    )
+    with pytest.raises(ValueError, match="not an ASys instruction name"):
+        m.Revoke(V, "k3x9", ("sys status",))
+    with pytest.raises(oneshot.OneShotError, match="not an ASys instruction name"):
+        oneshot.revoke("k3x9", ("a;b",))
+
+
+def test_grant_lists_and_arguments_parse_like_a_person_means_them() -> None:
+    assert cli._instructions(["sys_status,SYS_PROCS", "sys_status", " proc_throttle "]) == (
+        "SYS_STATUS",
+        "SYS_PROCS",
+        "PROC_THROTTLE",
+    )
+    assert cli._instructions(["none"]) == ()
+    assert agentside.parse_args(["count=5", "pid=-1", "name=a=b", "x=\uff15"]) == {
+        "count": 5,
+        "pid": -1,
+        "name": "a=b",
+        "x": "\uff15",
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        agentside.parse_args(["oops"])
+
+
+def test_outside_a_session_aaau_mcp_says_what_it_is_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AAAU_ASYS", raising=False)
+    with pytest.raises(oneshot.OneShotError, match=r"\$AAAU_ASYS is not set: this runs inside"):
+        agentside.endpoint()
+    assert cli.client_main(["mcp"]) == cli.EXIT_ERROR
+
+
+# --- the MCP bridge, in process -------------------------------------------------------------------
+
+
+async def _bridge_client(stream: trio.abc.Stream, out: dict[str, Any]) -> None:
+    """An SDK ClientSession whose JSON-RPC lines travel as DATA frames over ``stream``."""
+    import mcp_types as types
+    from mcp.client.session import ClientSession
+    from mcp.shared.message import SessionMessage
+
+    framed = FramedStream(stream, 1 << 20)
+    to_client, from_server = anyio.create_memory_object_stream[Any](16)
+    to_server, from_client = anyio.create_memory_object_stream[Any](16)
+
+    async def pump_in() -> None:
+        while (frame := await framed.next_frame()) is not None:
+            assert frame.kind is Kind.DATA
+            for line in frame.payload.splitlines():
+                msg = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                await to_client.send(SessionMessage(msg))
+
+    async def pump_out() -> None:
+        async for item in from_client:
+            text = item.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n"
+            # split mid-message: the server must join DATA frames into lines
+            half = len(text) // 2
+            await framed.send_frame(data_frame(text[:half].encode()))
+            await framed.send_frame(data_frame(text[half:].encode()))
+
+    streams = (to_client, from_server, to_server, from_client)
+    async with contextlib.AsyncExitStack() as held, trio.open_nursery() as nursery:
+        for held_stream in streams:
+            await held.enter_async_context(held_stream)
+        nursery.start_soon(pump_in)
+        nursery.start_soon(pump_out)
+        async with ClientSession(from_server, to_server) as session:
+            await session.initialize()
+            out["tools"] = [t.name for t in (await session.list_tools()).tools]
+            out["hello"] = await session.call_tool("SYS_HELLO", {})
+            out["bad"] = await session.call_tool("SYS_HELLO", {"x": "y" * 5000})
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_mcp_bridge_serves_the_grants_as_tools() -> None:
+    calls: list[m.AsysRequest] = []
+
+    async def call(req: m.AsysRequest) -> m.AsysResult:
+        calls.append(req)
+        sw = asys.SW.OK if not req.args else asys.SW.WRONG_LENGTH
+        return m.AsysResult(req.request_id, req.instruction, sw, sw.label, {"ok": 1}, "")
+
+    server_end, client_end = trio.testing.memory_stream_pair()
+    grants = frozenset({"SYS_HELLO", "SYS_STATUS"})
+    out: dict[str, Any] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            framed = FramedStream(server_end, 1 << 20)
+            nursery.start_soon(mcpserver.serve, framed, call, lambda: grants)
+            await _bridge_client(client_end, out)
+            nursery.cancel_scope.cancel()
+    assert out["tools"] == ["SYS_HELLO", "SYS_STATUS"]  # the table's order
+    hello = out["hello"]
+    assert hello.is_error is False and hello.structured_content["sw"] == "9000"
+    assert json.loads(hello.content[0].text) == hello.structured_content
+    assert out["bad"].is_error is True  # an argument value over 4096 characters
+    assert out["bad"].structured_content["sw"] == "6700"
+    assert [c.instruction for c in calls] == ["SYS_HELLO"]
+
+
+def test_the_agent_side_imports_no_trio() -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "aaau", "mcp"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "AAAU_ASYS": "/nonexistent/endpoint"},
+        check=False,
+    )
+    assert result.returncode == cli.EXIT_ERROR
+    assert "cannot reach the ASys endpoint /nonexistent/endpoint: there is none" in result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert not {"trio", "cattrs", "structlog", "mcp", "pydantic"} & imported
