@@ -31,7 +31,7 @@ _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
 #: the first Landlock ABI with scopes
 _SCOPES_ABI = 6
 
-_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -70,7 +70,7 @@ def private_mounts(*, private_tmp: bool, hide_processes: bool) -> None:
     # mounts made on the host later still show here; ours never show there
     _mount(None, "/", None, MS_REC | MS_SLAVE, "")
     if private_tmp:
-        for path in _PRIVATE_DIRS:
+        for path in PRIVATE_DIRS:
             if os.path.isdir(path):
                 _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     if hide_processes:

@@ -47,6 +47,8 @@ from .spawn import SpawnError
 
 log = structlog.get_logger("aaau.endpoint")
 
+#: after accept() failed (no fds left), how long before trying again
+_ACCEPT_BACKOFF: Final = 0.1
 #: Linux 6.5: a pidfd of the process that connected (not yet in Python's socket module)
 _SO_PEERPIDFD: Final = 77
 _NOT_HERE: Final = (
@@ -200,7 +202,12 @@ class Endpoint:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._sock))
         async with trio.open_nursery() as nursery:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and the like: wait, never end the session
+                    log.warning("endpoint-accept-failed", error=str(exc))
+                    await trio.sleep(_ACCEPT_BACKOFF)
+                    continue
                 nursery.start_soon(self._connection, stream)
 
     # --- one connection ---------------------------------------------------------

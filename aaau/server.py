@@ -21,7 +21,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from . import asys, credentials, endpoint, notify, oplog
+from . import _sandbox, asys, credentials, endpoint, notify, oplog
 from .audit import AuditLog
 from .cgroups import Hierarchies, take_delegated
 from .config import Config, load
@@ -66,6 +66,18 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _check_endpoint_dir(cfg: Config) -> None:
+    """Agents with a /tmp of their own (private_tmp) cannot see an endpoint under it."""
+    where = os.path.abspath(cfg.endpoint_dir)
+    for private in _sandbox.PRIVATE_DIRS if cfg.private_tmp else ():
+        if where == private or where.startswith(private + "/"):
+            raise StartupError(
+                f"the agents' ASys endpoints would be in {where}, but each agent has a "
+                f"{private} of its own (private_tmp): set asys_dir (--asys-dir) elsewhere, "
+                "e.g. /run/aaau-asys"
+            )
 
 
 class Server:
@@ -145,6 +157,7 @@ class Server:
             )
             held.callback(lock.release)
             held.callback(self._remove_socket, listener)
+            _check_endpoint_dir(cfg)
             try:
                 endpoint.prepare_dir(cfg.endpoint_dir)
             except OSError as exc:

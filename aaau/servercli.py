@@ -81,6 +81,38 @@ def _run_options(run: argparse.ArgumentParser) -> None:
         help="a TOML file of settings (docs/operating.md; default: /etc/aaau/aaau.toml if it "
         "exists)",
     )
+    _asys_options(run)
+    run.add_argument(
+        "--daemon", action="store_true", help="go to the background once the socket is ready"
+    )
+    run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
+    run.add_argument(
+        "--pid-file",
+        help="write the server's pid here once listening (with --daemon, default: "
+        "aaau-server.pid beside the socket)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=oplog.LEVELS,
+        default="info",
+        help="the least important events the operational log shows (default: info)",
+    )
+    run.add_argument(
+        "--identity",
+        type=IdentityMode,
+        choices=list(IdentityMode),
+        help="who agents run as: an agent user per member (default), per session, or one "
+        "shared by all (no isolation between members)",
+    )
+    run.add_argument("--state-dir", help="root's state: member bindings (default: /var/lib/aaau)")
+    run.add_argument(
+        "--cgroup-base", help="the sessions' cgroups go below this name (default: aaau)"
+    )
+    _limit_options(run)
+
+
+def _asys_options(run: argparse.ArgumentParser) -> None:
+    """ASys: services, grants to people and to agents, the agents' endpoints."""
     run.add_argument(
         "--svc-allow",
         action="append",
@@ -120,33 +152,6 @@ def _run_options(run: argparse.ArgumentParser) -> None:
         help="where the sessions' ASys endpoints are (default: beside the socket's "
         "directory, /run/aaau -> /run/aaau-asys)",
     )
-    run.add_argument(
-        "--daemon", action="store_true", help="go to the background once the socket is ready"
-    )
-    run.add_argument("--ready-fd", type=int, help="write READY to this fd once listening")
-    run.add_argument(
-        "--pid-file",
-        help="write the server's pid here once listening (with --daemon, default: "
-        "aaau-server.pid beside the socket)",
-    )
-    run.add_argument(
-        "--log-level",
-        choices=oplog.LEVELS,
-        default="info",
-        help="the least important events the operational log shows (default: info)",
-    )
-    run.add_argument(
-        "--identity",
-        type=IdentityMode,
-        choices=list(IdentityMode),
-        help="who agents run as: an agent user per member (default), per session, or one "
-        "shared by all (no isolation between members)",
-    )
-    run.add_argument("--state-dir", help="root's state: member bindings (default: /var/lib/aaau)")
-    run.add_argument(
-        "--cgroup-base", help="the sessions' cgroups go below this name (default: aaau)"
-    )
-    _limit_options(run)
 
 
 def _limit_options(run: argparse.ArgumentParser) -> None:

@@ -181,6 +181,10 @@ class Sessions:
                 raise
             audit.note("spawn_failed", content=str(exc), metadata={"argv": list(plan.argv)})
             raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
+        if req.mcp and self.config.mcp and plan.env.get(agentconfig.ENV):
+            from . import mcpserver  # its SDK loads in a thread while the agent starts
+
+            self._nursery.start_soon(mcpserver.load_sdk)
         log.info("session-started", session_id=session_id, user=identity.user)
         return session, att
 

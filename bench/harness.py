@@ -377,6 +377,7 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
     base.chmod(0o755)
     prepare_accounts(base, python)
     sock, log_dir = base / "run" / "aaau.sock", base / "log"
+    asys_dir = Path("/run") / f"{base.name}-asys"  # not under /tmp: agents have their own
     r, w = os.pipe()
     process = subprocess.Popen(
         [
@@ -411,6 +412,7 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
                 else []
             ),
             *(["--config", _limits_file(base)] if _knows(python, "connections_per_user") else []),
+            *(["--asys-dir", str(asys_dir)] if _knows(python, "asys_dir") else []),
             *extra,
         ],
         pass_fds=(w,),
@@ -433,6 +435,7 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
             process.wait()
         finally:
             shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(asys_dir, ignore_errors=True)
             _remove_cgroup_base(base.name)
 
 

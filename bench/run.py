@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -44,8 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h
 
-from aaau import __version__
+from aaau import __version__, codec
+from aaau import messages as m
 from aaau.cgroups import Hierarchies
+from aaau.framing import FramedStream
+from aaau.protocol import Kind
 
 #: the interpreter of a baseline installation (--baseline), or None
 BASELINE: str | None = None
@@ -343,6 +347,79 @@ async def startup(size: str) -> dict[str, Any]:
     }
 
 
+#: run by the agent inside a session: starts `aaau mcp` RUNS times (spawn -> initialize
+#: answered), then times CALLS tool calls (SYS_HELLO) on one of them; one JSON line
+_MCP_AGENT = r"""
+import json, os, statistics, subprocess, sys, time
+runs, calls, cmd = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+def send(p, obj):
+    p.stdin.write((json.dumps(obj) + "\n").encode()); p.stdin.flush()
+def answer(p):
+    reply = json.loads(p.stdout.readline())
+    assert "result" in reply, reply
+    return reply
+init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {},
+    "clientInfo": {"name": "bench", "version": "1"}}}
+starts, trips = [], []
+for i in range(runs):
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    send(p, init); answer(p)
+    starts.append(time.perf_counter() - t)
+    send(p, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+    if i == runs - 1:
+        for n in range(calls):
+            t = time.perf_counter()
+            send(p, {"jsonrpc": "2.0", "id": n + 1, "method": "tools/call",
+                     "params": {"name": "SYS_HELLO", "arguments": {}}})
+            reply = answer(p)
+            trips.append(time.perf_counter() - t)
+            assert reply["result"]["structuredContent"]["sw"] == "9000", reply
+    p.stdin.close(); p.wait()
+t = time.perf_counter()
+subprocess.run([sys.executable, "-c", "import mcp.server.lowlevel, mcp.server.stdio"], check=True)
+sdk = time.perf_counter() - t
+trips.sort()
+print("@@MCP@@" + json.dumps({
+    "cold_start_ms": round(starts[0] * 1000, 1),
+    "start_ms_median": round(statistics.median(starts[1:]) * 1000, 1),
+    "start_ms_max": round(max(starts[1:]) * 1000, 1),
+    "call_ms_median": round(statistics.median(trips) * 1000, 2),
+    "call_ms_p99": round(trips[int(len(trips) * 0.99) - 1] * 1000, 2),
+    "sdk_import_in_a_process_ms": round(sdk * 1000, 1),
+}) + "@@", flush=True)
+"""
+
+
+async def mcp(size: str) -> dict[str, Any]:
+    """``aaau mcp`` as claude starts it, run by a real agent in a session (issue 13)."""
+    runs, calls = (3, 50) if size == "smoke" else (11, 1000)
+    aaau = str(Path(sys.executable).parent / "aaau")
+    # the per-session rate limit (20 calls/s) would measure itself: lifted for the bench
+    lifted = ("--agent-asys-rate", "1000000", "--agent-asys-burst", "1000000")
+    async with h.aaau_server(*lifted) as server:
+        argv = [sys.executable, "-c", _MCP_AGENT, str(runs), str(calls), aaau, "mcp"]
+        stream = await trio.open_unix_socket(str(server.sock))
+        framed = FramedStream(stream, 1 << 24)
+        await framed.send(h.create(argv))
+        output = bytearray()
+        with trio.fail_after(300):
+            while (frame := await framed.next_frame()) is not None:
+                if frame.kind is Kind.DATA:
+                    output += frame.payload
+                elif isinstance(codec.decode_server(frame.payload), m.Exited):
+                    break
+        await framed.aclose()
+    text = output.decode("utf-8", "replace").replace("\r\n", "")
+    match = re.search(r"@@MCP@@(.*?)@@", text)
+    if match is None:
+        raise RuntimeError(f"the agent's MCP bench failed: {text[-2000:]}")
+    result: dict[str, Any] = json.loads(match.group(1))
+    result.update(runs=runs, calls=calls, targets={"start_ms": 300, "call_ms": 5})
+    return result
+
+
 SCENARIOS = {
     "throughput": throughput,
     "echo": echo,
@@ -350,6 +427,7 @@ SCENARIOS = {
     "slow": slow,
     "audit": audit,
     "startup": startup,
+    "mcp": mcp,
 }
 
 
@@ -384,7 +462,7 @@ def report(results: dict[str, Any]) -> str:
                         f"{way:>8} p50 {row['p50_ms']:>7} p99 {row['p99_ms']:>7} "
                         f"max {row['max_ms']:>7}"
                     )
-    for name in ("scale", "slow", "audit", "startup"):
+    for name in ("scale", "slow", "audit", "startup", "mcp"):
         if name in results:
             lines.append(f"\n{name}: {json.dumps(results[name])}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from aaau import endpoint
 from aaau import messages as m
 
 from .helpers import ADA, ALICE, BOB, GROUP, PY, Peer, ServerFactory, ServerProc, root, wait_for
@@ -361,3 +362,25 @@ async def test_codex_gets_the_aaau_mcp_server_for_its_run(server: ServerProc) ->
         "-c",
         f'mcp_servers.aaau.command="{aaau["transport"]["command"]}"',
     ]
+
+
+def test_the_endpoints_directory_is_made_safe(tmp_path: Path) -> None:
+    """Root's, 0711, emptied of a killed server's sockets; a symlink or someone else's
+    directory in its place is refused, never followed or adopted."""
+    where = tmp_path / "run-asys"
+    where.mkdir(mode=0o777)
+    (where / "stale-session").write_text("left by kill -9")
+    endpoint.prepare_dir(str(where))
+    assert list(where.iterdir()) == [] and stat.S_IMODE(where.stat().st_mode) == 0o711
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious").write_text("x")
+    link = tmp_path / "link-asys"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match="not a directory of root's"):
+        endpoint.prepare_dir(str(link))
+    assert (target / "precious").exists()
+    os.chown(target, 65534, 65534)
+    with pytest.raises(OSError, match="not a directory of root's"):
+        endpoint.prepare_dir(str(target))
+    assert (target / "precious").exists()

@@ -180,6 +180,7 @@ async def test_agent_runs_as_agent_user_with_a_clean_environment(server: ServerP
     assert "AAAU_TEST_SECRET" not in env and "server-secret-must-not-leak" not in text
     assert env["USER"] == agent and env["LOGNAME"] == agent and env["HOME"] == lines[2]
     assert env["TERM"] == "xterm" and env["AAAU_SESSION_ID"] == welcome.session_id
+    assert env["AAAU_ASYS"].endswith("-asys/" + welcome.session_id)
     assert env["API_KEY"] == "sk-secret-value"
     assert set(env) <= {
         "PATH",
@@ -191,6 +192,7 @@ async def test_agent_runs_as_agent_user_with_a_clean_environment(server: ServerP
         "SHELL",
         "TERM",
         "AAAU_SESSION_ID",
+        "AAAU_ASYS",  # the session's ASys endpoint (docs/asys.md)
         "PWD",
         "SHLVL",
         "_",
