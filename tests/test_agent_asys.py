@@ -384,3 +384,37 @@ def test_the_endpoints_directory_is_made_safe(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="not a directory of root's"):
         endpoint.prepare_dir(str(target))
     assert (target / "precious").exists()
+
+
+_HOARDER = """
+import json, os
+from aaau import oneshot
+hello = oneshot.frame({"type": "asys_request", "request_id": 1, "instruction": "SYS_HELLO"})
+held = []
+for _ in range(8):  # each served (one call answered) and kept open
+    link = oneshot.Link(oneshot.connect(os.environ["AAAU_ASYS"], 10))
+    link.send(hello)
+    held.append((link, link.control()["sw"]))
+extra = oneshot.Link(oneshot.connect(os.environ["AAAU_ASYS"], 10))
+refused = extra.control()
+for link, _ in held:
+    link.sock.close()
+print("@@hoard@@0@@" + json.dumps([[sw for _, sw in held], refused]) + "@@", flush=True)
+"""
+
+
+async def test_an_agent_cannot_hoard_its_endpoint(server: ServerProc, base_dir: Path) -> None:
+    """agent_endpoint_connections (8) at once; the next is refused and said so; once the
+    agent lets go, its endpoint serves it again."""
+    script = base_dir / "hoarder.py"
+    script.write_text(_HOARDER)
+    script.chmod(0o644)
+    peer, welcome = await run_agent(
+        server, ALICE, f"{shlex.quote(PY)} {script}; " + call("after", "SYS_HELLO") + "sleep 300"
+    )
+    got = await results(peer, "hoard", "after")
+    answered, refused = got["hoard"][1]
+    assert answered == ["9000"] * 8
+    assert refused["code"] == "refused" and "already serves 8 connections" in refused["message"]
+    assert got["after"][1]["sw"] == "9000"
+    assert server.records("asys_endpoint_refused", session_id=welcome.session_id)

@@ -256,3 +256,27 @@ def test_the_agent_side_imports_no_trio() -> None:
     assert "cannot reach the ASys endpoint /nonexistent/endpoint: there is none" in result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert not {"trio", "cattrs", "structlog", "mcp", "pydantic"} & imported
+
+
+async def test_an_mcp_line_longer_than_a_frame_is_refused() -> None:
+    """No newline, ever: the bridge keeps at most a frame's worth, then says so."""
+    from aaau.errors import ErrorCode, ProtocolError
+
+    async def never(_req: m.AsysRequest) -> m.AsysResult:
+        raise AssertionError("no call can come of this")
+
+    server_end, client_end = trio.testing.memory_stream_pair()
+    framed = FramedStream(server_end, 1024)
+
+    async def feed() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mcpserver.serve, framed, never, frozenset)
+            for _ in range(3):
+                await client_end.send_all(data_frame(b"x" * 1000))
+
+    with trio.fail_after(30), pytest.raises(BaseExceptionGroup) as caught:
+        await feed()
+    (error,) = caught.value.exceptions
+    while isinstance(error, BaseExceptionGroup):
+        (error,) = error.exceptions
+    assert isinstance(error, ProtocolError) and error.code is ErrorCode.TOO_LARGE
