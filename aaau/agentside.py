@@ -90,8 +90,13 @@ def mcp() -> int:
     link = _connect(endpoint())
     link.sock.settimeout(None)
     with link.sock:
-        link.send(oneshot.frame({"type": "mcp_open", "version": PROTOCOL_VERSION}))
-        return _relay(link)
+        try:
+            link.send(oneshot.frame({"type": "mcp_open", "version": PROTOCOL_VERSION}))
+            return _relay(link)
+        except BrokenPipeError:  # the MCP client closed our stdout: it is gone
+            return 0
+        except OSError as exc:
+            raise oneshot.OneShotError(f"endpoint connection lost: {exc.strerror}") from None
 
 
 def _relay(link: oneshot.Link) -> int:
