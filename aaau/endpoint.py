@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import stat
-from typing import Final
+from typing import Any, Final
 
 import structlog
 import trio
@@ -42,11 +42,14 @@ from .errors import ErrorCode, ProtocolError
 from .framing import FramedStream
 from .limits import Overflow, TokenBucket
 from .outbox import FLUSH_GRACE
-from .protocol import Kind
+from .protocol import Frame, Kind
 from .spawn import SpawnError
 
 log = structlog.get_logger("aaau.endpoint")
 
+#: refusals and bad frames recorded per endpoint: per second, in a burst
+_NOTE_RATE: Final = 5.0
+_NOTE_BURST: Final = 20
 #: after accept() failed (no fds left), how long before trying again
 _ACCEPT_BACKOFF: Final = 0.1
 #: Linux 6.5: a pidfd of the process that connected (not yet in Python's socket module)
@@ -177,6 +180,8 @@ class Endpoint:
         self._audit = audit
         self._rate = TokenBucket(config.agent_asys_rate, config.agent_asys_burst)
         self._over = Overflow()
+        self._notes = TokenBucket(_NOTE_RATE, _NOTE_BURST)
+        self._unnoted = 0
         self._open = 0
 
     @classmethod
@@ -225,7 +230,7 @@ class Endpoint:
                     f"(agent_endpoint_connections {self._config.agent_endpoint_connections})"
                 )
             if why is not None:
-                self._audit.note(
+                self._note_limited(
                     "asys_endpoint_refused", content=why, metadata={"pid": pid, "uid": uid}
                 )
                 await _say(framed, m.Error(ErrorCode.REFUSED, f"refused: {why}"))
@@ -241,7 +246,7 @@ class Endpoint:
     async def _failed(self, framed: FramedStream, exc: BaseException) -> None:
         """Tell the peer why its connection ends; one connection never ends the session."""
         if isinstance(exc, ProtocolError):
-            self._audit.note("protocol_error", source="agent", content=str(exc))
+            self._note_limited("protocol_error", content=str(exc))
             await _say(framed, m.Error(exc.code, str(exc)))
         elif isinstance(exc, AuditUnavailable):
             text = f"the audit log cannot be written now ({exc}); try again later"
@@ -268,9 +273,11 @@ class Endpoint:
             finally:
                 running -= 1
 
+        first = True
         async with trio.open_nursery() as nursery:
             while (frame := await framed.next_frame()) is not None:
-                msg = await self._message(frame, framed, send_lock)
+                msg = await self._message(frame, framed, send_lock, first)
+                first = False
                 if isinstance(msg, m.McpOpen):
                     await self._mcp(framed, msg)
                     return
@@ -285,28 +292,40 @@ class Endpoint:
                 nursery.start_soon(answer, msg)
 
     async def _message(
-        self, frame: object, framed: FramedStream, send_lock: trio.Lock
+        self, frame: Frame, framed: FramedStream, send_lock: trio.Lock, first: bool
     ) -> m.AsysRequest | m.McpOpen | None:
         """The frame as a request, or None once the peer has been told why not."""
         error: m.Error | None = None
         msg: m.ClientMessage | None = None
-        if getattr(frame, "kind", None) is not Kind.CONTROL:
+        if frame.kind is not Kind.CONTROL:
             error = m.Error(ErrorCode.BAD_MESSAGE, f"{_NOT_HERE}; a DATA frame needs mcp_open")
         else:
             try:
-                msg = codec.decode_client(frame.payload)  # type: ignore[attr-defined]
+                msg = codec.decode_client(frame.payload)
             except ProtocolError as exc:
                 error = m.Error(exc.code, str(exc))
         if isinstance(msg, m.McpOpen) and msg.version != m.PROTOCOL_VERSION:
             error = m.Error(ErrorCode.VERSION, f"protocol version {msg.version} is not supported")
+        elif isinstance(msg, m.McpOpen) and not first:
+            error = m.Error(ErrorCode.FORBIDDEN, "mcp_open must be a connection's first frame")
         elif msg is not None and not isinstance(msg, m.AsysRequest | m.McpOpen):
             error = m.Error(ErrorCode.FORBIDDEN, f"{codec.tag_of(type(msg))}: {_NOT_HERE}")
         if error is None:
             return msg  # type: ignore[return-value]
-        self._audit.note("protocol_error", source="agent", content=error.message)
+        self._note_limited("protocol_error", content=error.message)
         async with send_lock:
             await framed.send(error)
         return None
+
+    def _note_limited(self, command_type: str, **fields: Any) -> None:
+        """Refusals and bad frames, recorded within a budget: a flood of them (from the
+        agent, or from another session knocking) must not fill the log."""
+        if not self._notes.take(trio.current_time()):
+            self._unnoted += 1
+            return
+        metadata = {**fields.pop("metadata", {}), "not_recorded_before": self._unnoted}
+        self._unnoted = 0
+        self._audit.note(command_type, source="agent", metadata=metadata, **fields)
 
     async def _mcp(self, framed: FramedStream, _hello: m.McpOpen) -> None:
         from . import mcpserver

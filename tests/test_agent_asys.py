@@ -418,3 +418,31 @@ async def test_an_agent_cannot_hoard_its_endpoint(server: ServerProc, base_dir: 
     assert refused["code"] == "refused" and "already serves 8 connections" in refused["message"]
     assert got["after"][1]["sw"] == "9000"
     assert server.records("asys_endpoint_refused", session_id=welcome.session_id)
+
+
+_FLOODER = """
+import json, os
+from aaau import oneshot
+link = oneshot.Link(oneshot.connect(os.environ["AAAU_ASYS"], 10))
+codes = []
+for _ in range(200):
+    link.send(bytes([1, 0, 0, 0, 3]) + b"{x}")
+    codes.append(link.control()["code"])
+link.send(oneshot.frame({"type": "mcp_open", "version": 2}))
+late = link.control()
+print("@@flood@@0@@" + json.dumps([codes.count("bad-message"), late]) + "@@", flush=True)
+"""
+
+
+async def test_a_flood_of_bad_frames_is_answered_but_not_all_recorded(
+    server: ServerProc, base_dir: Path
+) -> None:
+    script = base_dir / "flooder.py"
+    script.write_text(_FLOODER)
+    script.chmod(0o644)
+    peer, welcome = await run_agent(server, ALICE, f"{shlex.quote(PY)} {script}; sleep 300")
+    answered, late = (await results(peer, "flood"))["flood"][1]
+    assert answered == 200  # every one told why
+    assert late["code"] == "forbidden" and "first frame" in late["message"]
+    recorded = server.records("protocol_error", session_id=welcome.session_id)
+    assert 20 <= len(recorded) < 60  # the burst, then about 5 a second: the log is safe
