@@ -446,3 +446,14 @@ async def test_a_flood_of_bad_frames_is_answered_but_not_all_recorded(
     assert late["code"] == "forbidden" and "first frame" in late["message"]
     recorded = server.records("protocol_error", session_id=welcome.session_id)
     assert 20 <= len(recorded) < 60  # the burst, then about 5 a second: the log is safe
+
+
+async def test_endpoints_under_a_private_tmp_are_refused_at_start(
+    start_server: ServerFactory,
+) -> None:
+    """Every agent has a /tmp of its own: an endpoint there would be out of its sight."""
+    srv = await start_server("--asys-dir", "/tmp/aaut-endpoints", expect_ready=False)
+    assert await srv.process.wait() == 1
+    stderr = (srv.log_dir / "server.stderr").read_text()
+    assert "each agent has a /tmp of its own (private_tmp): set asys_dir" in stderr
+    assert not os.path.exists("/tmp/aaut-endpoints")
