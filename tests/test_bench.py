@@ -26,7 +26,9 @@ def test_benchmark_smoke_run_measures_every_scenario() -> None:
     assert out["size"] == "smoke"
     # its init put completions and man pages in its own directory, not the machine's
     assert not list(Path("/usr/local/share").rglob("*aaau*"))
-    assert set(out) >= {"machine", "throughput", "echo", "scale", "slow", "audit", "startup"}
+    assert set(out) >= {"machine", "throughput", "echo", "scale", "slow", "audit", "startup", "mcp"}
+    assert out["mcp"]["start_ms_median"] > 0 and out["mcp"]["call_ms_median"] > 0
+    assert not list(Path("/run").glob("aaau-bench-*"))  # its endpoints' directories went too
     startup = out["startup"]["median_ms"]
     assert startup["aaau ls"] > 0 and startup["aaau -p true"] > 0
     for row in out["throughput"]["readers"].values():
