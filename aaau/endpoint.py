@@ -141,7 +141,7 @@ def open_for(
     if server is None:
         return None
     try:
-        return Endpoint.open(server.config, session_id, gid, audit, server)
+        return Endpoint.open(session_id, gid, audit, server)
     except OSError as exc:
         raise SpawnError(f"cannot make the session's ASys endpoint: {exc}") from None
 
@@ -169,16 +169,14 @@ class Endpoint:
         self,
         path: str,
         sock: socket.socket,
-        config: Config,
         audit: BoundAudit,
         server: asys.ServerScope,
     ) -> None:
         self.path = path
         self._sock = sock
-        self._config = config
         self._server = server
         self._audit = audit
-        self._rate = TokenBucket(config.agent_asys_rate, config.agent_asys_burst)
+        self._rate = TokenBucket(server.config.agent_asys_rate, server.config.agent_asys_burst)
         self._over = Overflow()
         self._notes = TokenBucket(_NOTE_RATE, _NOTE_BURST)
         self._unnoted = 0
@@ -186,15 +184,10 @@ class Endpoint:
 
     @classmethod
     def open(
-        cls,
-        config: Config,
-        session_id: str,
-        gid: int,
-        audit: BoundAudit,
-        server: asys.ServerScope,
+        cls, session_id: str, gid: int, audit: BoundAudit, server: asys.ServerScope
     ) -> Endpoint:
-        path = path_for(config, session_id)
-        return cls(path, bind(path, gid), config, audit, server)
+        path = path_for(server.config, session_id)
+        return cls(path, bind(path, gid), audit, server)
 
     def close(self) -> None:
         self._sock.close()
@@ -214,6 +207,12 @@ class Endpoint:
                     await trio.sleep(_ACCEPT_BACKOFF)
                     continue
                 nursery.start_soon(self._connection, stream)
+
+    @property
+    def _config(self) -> Config:
+        """The server's configuration now: a reload (SIGHUP) applies from the next call."""
+        config: Config = self._server.config
+        return config
 
     # --- one connection ---------------------------------------------------------
 
@@ -337,7 +336,8 @@ class Endpoint:
 
     async def call(self, msg: m.AsysRequest) -> m.AsysResult:
         """One instruction for the agent: within the session's rate, with its grants."""
-        scope = self._scope
+        scope, cfg = self._scope, self._config
+        self._rate.rate, self._rate.burst = cfg.agent_asys_rate, cfg.agent_asys_burst
         if not self._rate.take(trio.current_time()):
             if self._over.refuse():
                 self._note_rate("start", msg.instruction)

@@ -280,3 +280,38 @@ async def test_an_mcp_line_longer_than_a_frame_is_refused() -> None:
     while isinstance(error, BaseExceptionGroup):
         (error,) = error.exceptions
     assert isinstance(error, ProtocolError) and error.code is ErrorCode.TOO_LARGE
+
+
+async def test_the_agents_rate_follows_a_reload(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """SIGHUP replaces the server's config: the endpoint's budget is read at each call
+    (virtual time: the clock moves only when the test says)."""
+    from aaau import endpoint
+
+    async def answered(_ctx: Any, msg: m.AsysRequest) -> m.AsysResult:
+        return m.AsysResult(msg.request_id, msg.instruction, asys.SW.OK, "ok", {}, "")
+
+    monkeypatch.setattr(asys, "call", answered)
+
+    class Audit:
+        def note(self, *_a: Any, **_k: Any) -> None: ...
+
+        def bind(self, **_k: Any) -> Audit:
+            return self
+
+    server = type("Server", (), {"config": Config(agent_asys_rate=0.001, agent_asys_burst=1)})()
+    a, b = __import__("socket").socketpair()
+    try:
+        ep = endpoint.Endpoint("/nonexistent", a, Audit(), server)  # type: ignore[arg-type]
+        ep._scope, ep._user = asys.SessionScope("s", 1000, 1, None), "agent"
+        words = [(await ep.call(m.AsysRequest(i, "SYS_HELLO"))).sw for i in range(3)]
+        assert words == ["9000", "6400", "6400"]
+        await trio.sleep(1)  # at 0.001 calls/s: still nothing to spend
+        assert (await ep.call(m.AsysRequest(8, "SYS_HELLO"))).sw == "6400"
+        server.config = Config(agent_asys_rate=1000.0, agent_asys_burst=1000)  # a reload
+        await trio.sleep(0.01)
+        assert [(await ep.call(m.AsysRequest(9, "SYS_HELLO"))).sw for _ in range(5)] == ["9000"] * 5
+    finally:
+        a.close()
+        b.close()
