@@ -159,6 +159,8 @@ def revoke(scope: asys.SessionScope, names: tuple[str, ...], audit: BoundAudit) 
         metadata={"instructions": list(names), "before": sorted(scope.agent_grants)},
     )
     scope.agent_grants.difference_update(names)
+    for changed in list(scope.on_grants_changed):
+        changed()
     return frozenset(scope.agent_grants)
 
 
@@ -330,7 +332,10 @@ class Endpoint:
         from . import mcpserver
 
         self._audit.note("mcp_open", source="agent", user=self._user, uid=self._scope.agent_uid)
-        await mcpserver.serve(framed, self.call, lambda: frozenset(self._scope.agent_grants))
+        scope = self._scope
+        await mcpserver.serve(
+            framed, self.call, lambda: frozenset(scope.agent_grants), scope.on_grants_changed
+        )
 
     # --- one call ---------------------------------------------------------------
 

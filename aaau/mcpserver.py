@@ -12,8 +12,9 @@ up in well under a second (claude checks it at start-up; our target is
 0.3 s). Imported once per server (in a worker thread, so the event loop keeps
 serving), it costs each agent nothing: the relay starts in ~40 ms.
 
-The tools are the instructions the session grants its agent *now* (a revoked
-grant disappears from the next tools/list and is refused by the next call).
+The tools are the instructions the session grants its agent *now*: a revoked
+grant is refused by the next call, and the client is told
+``notifications/tools/list_changed`` (it then lists them again without it).
 A tool's input schema is its arguments' (:mod:`aaau.asys.schema`); its
 result is the ``asys_result`` as structured content and as JSON text, an
 error result when the status word is not ``9000``.
@@ -21,6 +22,7 @@ error result when the status word is not ``9000``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections.abc import Awaitable, Callable
@@ -71,13 +73,15 @@ def _tools(grants: frozenset[str]) -> list[Any]:
     ]
 
 
-def _server(call: Call, grants: Grants) -> Any:
+def _server(call: Call, grants: Grants, sessions: list[Any]) -> Any:
     import mcp_types as types
     from mcp.server.lowlevel import Server
 
     ids = iter(range(1, 2**53))
 
-    async def list_tools(_ctx: Any, _params: Any) -> Any:
+    async def list_tools(ctx: Any, _params: Any) -> Any:
+        if not sessions:
+            sessions.append(ctx.session)
         return types.ListToolsResult(tools=_tools(grants()))
 
     async def call_tool(_ctx: Any, params: Any) -> Any:
@@ -107,12 +111,23 @@ def _server(call: Call, grants: Grants) -> Any:
     )
 
 
-async def serve(framed: FramedStream, call: Call, grants: Grants) -> None:
-    """Serve MCP over ``framed`` (after ``mcp_open``) until the relay closes it."""
+async def serve(
+    framed: FramedStream,
+    call: Call,
+    grants: Grants,
+    watchers: set[Callable[[], None]] | None = None,
+) -> None:
+    """Serve MCP over ``framed`` (after ``mcp_open``) until the relay closes it.
+
+    ``watchers``: where to register for grant changes; each is told to the
+    client as ``notifications/tools/list_changed``."""
     await load_sdk()
+    from mcp.server.lowlevel import NotificationOptions
     from mcp.shared.message import SessionMessage
 
-    server = _server(call, grants)
+    sessions: list[Any] = []  # the SDK's session, once a tools/list showed it
+    server = _server(call, grants, sessions)
+    changed_in, changed_out = trio.open_memory_channel[None](1)
     to_sdk, from_peer = anyio.create_memory_object_stream[Any](_QUEUE)
     to_peer, from_sdk = anyio.create_memory_object_stream[Any](_QUEUE)
 
@@ -134,11 +149,28 @@ async def serve(framed: FramedStream, call: Call, grants: Grants) -> None:
                 text = item.message.model_dump_json(by_alias=True, exclude_unset=True)
                 await framed.send_frame(data_frame(text.encode() + b"\n"))
 
-    async with from_peer, to_peer, trio.open_nursery() as nursery:
-        nursery.start_soon(relay_out)
-        nursery.start_soon(server.run, from_peer, to_peer, server.create_initialization_options())
-        await relay_in()
-        nursery.cancel_scope.cancel()
+    async def tell_changes() -> None:
+        async for _ in changed_out:
+            if sessions:
+                await sessions[0].send_tool_list_changed()
+
+    def changed() -> None:
+        with contextlib.suppress(trio.WouldBlock):  # one pending notice says it all
+            changed_in.send_nowait(None)
+
+    options = server.create_initialization_options(NotificationOptions(tools_changed=True))
+    if watchers is not None:
+        watchers.add(changed)
+    try:
+        async with from_peer, to_peer, trio.open_nursery() as nursery:
+            nursery.start_soon(relay_out)
+            nursery.start_soon(tell_changes)
+            nursery.start_soon(server.run, from_peer, to_peer, options)
+            await relay_in()
+            nursery.cancel_scope.cancel()
+    finally:
+        if watchers is not None:
+            watchers.discard(changed)
 
 
 async def _lines(framed: FramedStream) -> Any:

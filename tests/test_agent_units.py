@@ -177,7 +177,7 @@ def test_outside_a_session_aaau_mcp_says_what_it_is_for(monkeypatch: pytest.Monk
 # --- the MCP bridge, in process -------------------------------------------------------------------
 
 
-async def _bridge_client(stream: trio.abc.Stream, out: dict[str, Any]) -> None:
+async def _bridge_client(stream: trio.abc.Stream, out: dict[str, Any], revoke: Any = None) -> None:
     """An SDK ClientSession whose JSON-RPC lines travel as DATA frames over ``stream``."""
     import mcp_types as types
     from mcp.client.session import ClientSession
@@ -208,11 +208,21 @@ async def _bridge_client(stream: trio.abc.Stream, out: dict[str, Any]) -> None:
             await held.enter_async_context(held_stream)
         nursery.start_soon(pump_in)
         nursery.start_soon(pump_out)
-        async with ClientSession(from_server, to_server) as session:
-            await session.initialize()
+        told = trio.Event()
+
+        async def notices(message: Any) -> None:
+            if isinstance(message, types.ToolListChangedNotification):
+                told.set()
+
+        async with ClientSession(from_server, to_server, message_handler=notices) as session:
+            init = await session.initialize()
+            out["list_changed"] = init.capabilities.tools.list_changed
             out["tools"] = [t.name for t in (await session.list_tools()).tools]
             out["hello"] = await session.call_tool("SYS_HELLO", {})
             out["bad"] = await session.call_tool("SYS_HELLO", {"x": "y" * 5000})
+            revoke()
+            await told.wait()  # the server says so, unasked
+            out["after"] = [t.name for t in (await session.list_tools()).tools]
         nursery.cancel_scope.cancel()
 
 
@@ -225,15 +235,25 @@ async def test_the_mcp_bridge_serves_the_grants_as_tools() -> None:
         return m.AsysResult(req.request_id, req.instruction, sw, sw.label, {"ok": 1}, "")
 
     server_end, client_end = trio.testing.memory_stream_pair()
-    grants = frozenset({"SYS_HELLO", "SYS_STATUS"})
+    grants = {"SYS_HELLO", "SYS_STATUS"}
+    watchers: set[Any] = set()
+
+    def revoke() -> None:  # as endpoint.revoke does
+        grants.discard("SYS_STATUS")
+        for changed in list(watchers):
+            changed()
+
     out: dict[str, Any] = {}
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             framed = FramedStream(server_end, 1 << 20)
-            nursery.start_soon(mcpserver.serve, framed, call, lambda: grants)
-            await _bridge_client(client_end, out)
+            nursery.start_soon(mcpserver.serve, framed, call, lambda: frozenset(grants), watchers)
+            await _bridge_client(client_end, out, revoke)
             nursery.cancel_scope.cancel()
+    assert not watchers  # the connection's watcher went with it
+    assert out["list_changed"] is True
     assert out["tools"] == ["SYS_HELLO", "SYS_STATUS"]  # the table's order
+    assert out["after"] == ["SYS_HELLO"]
     hello = out["hello"]
     assert hello.is_error is False and hello.structured_content["sw"] == "9000"
     assert json.loads(hello.content[0].text) == hello.structured_content
@@ -315,3 +335,23 @@ async def test_the_agents_rate_follows_a_reload(
     finally:
         a.close()
         b.close()
+
+
+def test_revoking_tells_every_watcher_and_records_what_was_held() -> None:
+    from aaau import endpoint
+
+    noted: list[tuple[str, dict[str, Any]]] = []
+
+    class Audit:
+        def note(self, kind: str, **fields: Any) -> None:
+            noted.append((kind, fields))
+
+    scope = asys.SessionScope("s", 1000, 1, None)
+    scope.agent_grants.update({"SYS_STATUS", "PROC_THROTTLE"})
+    told: list[str] = []
+    scope.on_grants_changed.add(lambda: told.append("a"))
+    left = endpoint.revoke(scope, ("PROC_THROTTLE", "NET_ISOLATE"), Audit())  # type: ignore[arg-type]
+    assert left == {"SYS_STATUS"} and scope.agent_grants == {"SYS_STATUS"} and told == ["a"]
+    ((kind, fields),) = noted
+    assert kind == "asys_grant_revoked"
+    assert fields["metadata"]["before"] == ["PROC_THROTTLE", "SYS_STATUS"]

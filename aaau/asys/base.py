@@ -49,6 +49,8 @@ class SessionScope:
     extras: dict[str, Any] = attrs.field(factory=dict)
     #: what the agent may call through the session's endpoint; Admins revoke live
     agent_grants: set[str] = attrs.field(factory=set)
+    #: called when ``agent_grants`` changed (the MCP connections tell their clients)
+    on_grants_changed: set[Callable[[], None]] = attrs.field(factory=set)
 
     def has_process(self, pid: int) -> bool:
         """Is ``pid`` a live process of this session (its cgroup, else its tty session)?"""
