@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from typing import Any, Final
 
 #: the name the server has in the agent's configuration
@@ -51,47 +52,41 @@ def claude_entry(command: list[str]) -> dict[str, Any]:
 def updated_claude_config(text: str | None, command: list[str], register: bool) -> str | None:
     """``~/.claude.json`` with the aaau entry added (or, ``register`` false, removed);
     None: nothing to write (already so, or a file that is not a JSON object)."""
+    return _update(text, command, register)[0]
+
+
+def _update(text: str | None, command: list[str], register: bool) -> tuple[str | None, str]:
+    """(what to write or None, what happened)."""
     try:
         config = json.loads(text) if text else {}
     except ValueError:
-        return None
-    if not isinstance(config, dict):
-        return None
-    servers = config.get("mcpServers")
-    if servers is None:
-        servers = {}
-    if not isinstance(servers, dict):
-        return None
-    entry = claude_entry(command)
+        config = None
+    servers = config.get("mcpServers", {}) if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(servers, dict):
+        return None, "skipped: not a JSON object with an mcpServers object"
+    entry, ours = claude_entry(command), servers.get(NAME)
     if register:
-        if servers.get(NAME) == entry:
-            return None
+        if ours == entry:
+            return None, "registered"
         servers[NAME] = entry
     else:
-        if NAME not in servers or servers[NAME].get("command") != command[0]:
-            return None  # not ours: left as it is
+        if not isinstance(ours, dict) or ours.get("command") != command[0]:
+            return None, "unchanged"  # none, or not ours: left as it is
         del servers[NAME]
     config["mcpServers"] = servers
-    return json.dumps(config, indent=2) + "\n"
+    return json.dumps(config, indent=2) + "\n", "registered" if register else "removed"
 
 
 def register_claude(home: str, command: list[str], register: bool) -> str:
     """Write the entry into ``home/.claude.json`` as the calling user; what happened."""
     path = os.path.join(home, ".claude.json")
     try:
-        with open(path, "rb") as f:
-            text: str | None = f.read(_MAX_CONFIG + 1).decode("utf-8", "replace")
-    except FileNotFoundError:
-        text = None
+        text = _read_regular(path)
     except OSError as exc:
-        return f"skipped: cannot read {path}: {exc.strerror}"
-    if text is not None and len(text) > _MAX_CONFIG:
-        return f"skipped: {path} is over {_MAX_CONFIG} bytes"
-    new = updated_claude_config(text, command, register)
+        return f"skipped: cannot read {path}: {exc.strerror or exc}"
+    new, outcome = _update(text, command, register)
     if new is None:
-        if not register:
-            return "unchanged"
-        return "registered" if _has(text, command) else f"skipped: {path} is not a JSON object"
+        return outcome
     tmp = f"{path}.aaau-{os.getpid()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -102,10 +97,20 @@ def register_claude(home: str, command: list[str], register: bool) -> str:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         return f"skipped: cannot write {path}: {exc.strerror}"
-    return "registered" if register else "removed"
+    return outcome
 
 
-def _has(text: str | None, command: list[str]) -> bool:
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        return bool(json.loads(text or "")["mcpServers"][NAME] == claude_entry(command))
-    return False
+def _read_regular(path: str) -> str | None:
+    """The file's text, None if there is none; never blocks (a FIFO planted there) and
+    never reads more than ``_MAX_CONFIG`` (OSError otherwise)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = f.read(_MAX_CONFIG + 1)
+    if len(data) > _MAX_CONFIG:
+        raise OSError(f"{path} is over {_MAX_CONFIG} bytes")
+    return data.decode("utf-8", "replace")

@@ -18,7 +18,6 @@ import errno
 import os
 import re
 import selectors
-import socket
 import sys
 from typing import Any, Final
 
@@ -42,21 +41,15 @@ def endpoint() -> str:
     return path
 
 
-def _connect(path: str) -> oneshot.Link:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(oneshot.TIMEOUT)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            why = "there is none: the session has ended (or $AAAU_ASYS is not its endpoint)"
-        elif exc.errno == errno.EACCES:
-            why = "permission denied: only the session's agent may use it"
-        else:
-            why = exc.strerror or str(exc)
-        raise oneshot.OneShotError(f"cannot reach the ASys endpoint {path}: {why}") from None
-    return oneshot.Link(sock)
+def _explain(path: str, exc: OSError) -> str:
+    """Why the endpoint cannot be reached, for the agent (not the server's socket)."""
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        why = "there is none: the session has ended (or $AAAU_ASYS is not its endpoint)"
+    elif exc.errno == errno.EACCES:
+        why = "permission denied: only the session's agent may use it"
+    else:
+        why = exc.strerror or str(exc)
+    return f"cannot reach the ASys endpoint {path}: {why}"
 
 
 def _fail_on_error(message: dict[str, Any]) -> None:
@@ -67,19 +60,10 @@ def _fail_on_error(message: dict[str, Any]) -> None:
 
 def asys(instruction: str, args: dict[str, int | str]) -> int:
     """One call through the endpoint; printed as ``aaau asys`` prints it for people."""
-    link = _connect(endpoint())
-    with link.sock:
-        request = {"type": "asys_request", "request_id": 1, "instruction": instruction}
-        try:
-            link.send(oneshot.frame({**request, "args": args}))
-            reply = link.control()
-        except TimeoutError:
-            raise oneshot.OneShotError("the endpoint did not answer in time") from None
-        except OSError as exc:
-            raise oneshot.OneShotError(f"endpoint connection lost: {exc.strerror}") from None
-    _fail_on_error(reply)
-    if reply.get("type") != "asys_result" or not isinstance(reply.get("sw"), str):
-        raise oneshot.OneShotError(f"protocol error from the endpoint: {reply.get('type')!r}")
+    request = {"type": "asys_request", "request_id": 1, "instruction": instruction}
+    reply = oneshot.request(endpoint(), {**request, "args": args}, "asys_result", _explain)
+    if not isinstance(reply.get("sw"), str):
+        raise oneshot.OneShotError("protocol error from the endpoint: no status word")
     out = {k: reply.get(k) for k in ("instruction", "sw", "status", "result", "message")}
     oneshot.print_json(out)
     return 0 if reply["sw"] == "9000" else 1
@@ -87,8 +71,7 @@ def asys(instruction: str, args: dict[str, int | str]) -> int:
 
 def mcp() -> int:
     """Relay MCP's stdio transport to the endpoint until stdin or the server closes."""
-    link = _connect(endpoint())
-    link.sock.settimeout(None)
+    link = oneshot.Link(oneshot.connect(endpoint(), None, _explain))
     with link.sock:
         try:
             link.send(oneshot.frame({"type": "mcp_open", "version": PROTOCOL_VERSION}))

@@ -14,7 +14,7 @@ import trio
 
 from . import codec
 from . import messages as m
-from .errors import ProtocolError
+from .errors import ProtocolError, innermost
 from .framing import FramedStream
 from .oneshot import explain_connect
 from .protocol import Kind, data_frame
@@ -141,12 +141,6 @@ async def asys_call(
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def innermost(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def run_client(coro_fn: Any, *args: Any) -> int:

@@ -28,17 +28,16 @@ import contextlib
 import os
 import signal
 import socket
-import stat
 from typing import Any, Final
 
 import structlog
 import trio
 
-from . import asys, codec, credentials
+from . import asys, codec, credentials, paths
 from . import messages as m
 from .audit import AuditUnavailable, BoundAudit
 from .config import Config
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, innermost
 from .framing import FramedStream
 from .limits import Overflow, TokenBucket
 from .outbox import FLUSH_GRACE
@@ -47,6 +46,7 @@ from .spawn import SpawnError
 
 log = structlog.get_logger("aaau.endpoint")
 
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: refusals and bad frames recorded per endpoint: per second, in a burst
 _NOTE_RATE: Final = 5.0
 _NOTE_BURST: Final = 20
@@ -63,22 +63,33 @@ _NOT_HERE: Final = (
 def prepare_dir(directory: str) -> None:
     """The endpoints' directory: root's, 0711, emptied of a previous run's sockets.
 
-    Refused (OSError) if something else stands there: a symlink, a file, or a
-    directory someone else owns, which could have been prepared by an attacker.
+    Its ancestors are checked as every directory root writes in
+    (:func:`aaau.paths.open_dir`); the directory itself is opened without
+    following a link and refused (OSError) if it is a symlink, a file, or
+    someone else's: an attacker could have prepared it.
     """
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(directory, 0o711)
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-        raise OSError(f"{directory} is not a directory of root's: refusing to use it")
-    os.chmod(directory, 0o711)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    where = os.path.abspath(directory)
+    parent = paths.open_dir(os.path.dirname(where))
+    name = os.path.basename(where)
     try:
-        for name in os.listdir(fd):
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=fd)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o711, dir_fd=parent)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError:  # ELOOP, ENOTDIR: a link or a file stands there
+            fd = -1
     finally:
-        os.close(fd)
+        os.close(parent)
+    try:
+        if fd < 0 or os.fstat(fd).st_uid != 0:
+            raise OSError(f"{where} is not a directory of root's: refusing to use it")
+        os.fchmod(fd, 0o711)
+        for entry in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def path_for(config: Config, session_id: str) -> str:
@@ -240,7 +251,7 @@ class Endpoint:
             try:
                 await self._serve(framed)
             except Exception as exc:  # nurseries group what they raise: look inside
-                await self._failed(framed, _innermost(exc))
+                await self._failed(framed, innermost(exc))
             finally:
                 self._open -= 1
 
@@ -287,7 +298,7 @@ class Endpoint:
                 if running >= asys.IN_FLIGHT:
                     text = f"{asys.IN_FLIGHT} calls already running on this connection"
                     async with send_lock:
-                        await framed.send(_result(msg, asys.SW.BLOCKED, text))
+                        await framed.send(asys.refused(msg, asys.SW.BLOCKED, text))
                     continue
                 running += 1
                 nursery.start_soon(answer, msg)
@@ -347,10 +358,10 @@ class Endpoint:
             if self._over.refuse():
                 self._note_rate("start", msg.instruction)
             text = (
-                f"rate limit: this session's agent may make {self._config.agent_asys_rate:g} "
-                f"calls/s (bursts of {self._config.agent_asys_burst}); back off"
+                f"rate limit: this session's agent may make {cfg.agent_asys_rate:g} "
+                f"calls/s (bursts of {cfg.agent_asys_burst}); back off"
             )
-            return _result(msg, asys.SW.BLOCKED, text)
+            return asys.refused(msg, asys.SW.BLOCKED, text)
         if refused := self._over.allow():
             self._note_rate("end", msg.instruction, refused)
         ctx = asys.Context(
@@ -380,16 +391,6 @@ class Endpoint:
                 "burst": self._config.agent_asys_burst,
             },
         )
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _result(msg: m.AsysRequest, sw: asys.SW, text: str) -> m.AsysResult:
-    return m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, None, text)
 
 
 async def _say(framed: FramedStream, message: m.ServerMessage) -> None:

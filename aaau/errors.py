@@ -51,3 +51,10 @@ class RequestError(Exception):
 
 class StartupError(Exception):
     """The server cannot start; the message says what to fix."""
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The one error inside nested single-member groups (what a nursery raised)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

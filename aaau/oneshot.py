@@ -26,6 +26,7 @@ import shlex
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from . import fields
@@ -142,15 +143,21 @@ def data_frame(payload: bytes) -> bytes:
     return _HEADER.pack(DATA, len(payload)) + payload
 
 
-def connect(path: str, timeout: float | None = None) -> socket.socket:
-    """A connected socket to the server, or :class:`OneShotError` saying what to do."""
+Explain = Callable[[str, OSError], str]
+
+
+def connect(
+    path: str, timeout: float | None = None, explain: Explain | None = None
+) -> socket.socket:
+    """A connected socket to the server, or :class:`OneShotError` saying what to do
+    (``explain``: how to say it; by default :func:`explain_connect`)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
     except OSError as exc:
         sock.close()
-        raise OneShotError(explain_connect(path, exc)) from None
+        raise OneShotError((explain or explain_connect)(path, exc)) from None
     return sock
 
 
@@ -204,10 +211,12 @@ def message_of(payload: bytes) -> dict[str, Any]:
     return message
 
 
-def request(path: str, message: dict[str, Any], answer: str) -> dict[str, Any]:
+def request(
+    path: str, message: dict[str, Any], answer: str, explain: Explain | None = None
+) -> dict[str, Any]:
     """Send ``message``, return the first control answer, which must be of type ``answer``
     (an ``error`` becomes :class:`OneShotError` with the server's words)."""
-    with connect(path, TIMEOUT) as sock:
+    with connect(path, TIMEOUT, explain) as sock:
         link = Link(sock)
         try:
             link.send(frame(message))

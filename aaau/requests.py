@@ -178,9 +178,8 @@ class Requests:
 
     async def _asys_request(self, msg: m.AsysRequest) -> None:
         if self._asys_running >= ASYS_IN_FLIGHT:
-            sw = asys.SW.BLOCKED
             text = f"{ASYS_IN_FLIGHT} ASys calls are already running on this connection"
-            self.att.send(m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, None, text))
+            self.att.send(asys.refused(msg, asys.SW.BLOCKED, text))
             return
         self._asys_running += 1
         self._nursery.start_soon(self._run_asys, msg)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, codec, notify, oplog, paths, provision
-from .client import innermost
 from .config import Config, ConfigError, IdentityMode, default_path, load
+from .errors import innermost
 
 
 def _grant(text: str) -> tuple[str, tuple[str, ...]]:

@@ -181,7 +181,7 @@ class Sessions:
                 raise
             audit.note("spawn_failed", content=str(exc), metadata={"argv": list(plan.argv)})
             raise RequestError(str(exc), code=ErrorCode.SPAWN_FAILED) from None
-        if req.mcp and self.config.mcp and plan.env.get(agentconfig.ENV):
+        if plan.mcp_registered:
             from . import mcpserver  # its SDK loads in a thread while the agent starts
 
             self._nursery.start_soon(mcpserver.load_sdk)

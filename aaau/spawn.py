@@ -69,6 +69,8 @@ class SpawnPlan:
     #: ~/.claude.json, as the agent user (None: not claude)
     register_claude: bool | None = None
     mcp_command: tuple[str, ...] = ()
+    #: claude or codex will start ``aaau mcp`` (the server preloads the MCP SDK)
+    mcp_registered: bool = False
 
 
 @attrs.frozen
@@ -179,6 +181,7 @@ def plan(
         pipe=pipe,
         register_claude=register if kind == "claude" else None,
         mcp_command=command,
+        mcp_registered=register and kind is not None,
     )
 
 

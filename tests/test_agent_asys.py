@@ -37,6 +37,14 @@ def call(tag: str, words: str, env: str = "") -> str:
     )
 
 
+def python_script(base_dir: Path, name: str, text: str) -> str:
+    """``text`` as a file the agent user can read; the shell words that run it."""
+    script = base_dir / name
+    script.write_text(text)
+    script.chmod(0o644)
+    return f"{shlex.quote(PY)} {shlex.quote(str(script))}"
+
+
 async def run_agent(
     server: ServerProc, user: str, script: str, **create: Any
 ) -> tuple[Peer, m.Welcome]:
@@ -207,11 +215,9 @@ anyio.run(main)
 async def test_an_mcp_client_lists_the_tools_and_calls_them(
     server: ServerProc, base_dir: Path
 ) -> None:
-    script = base_dir / "mcp_client.py"
-    script.write_text(_MCP_CLIENT)
-    script.chmod(0o644)
+    script = python_script(base_dir, "mcp_client.py", _MCP_CLIENT)
     peer, welcome = await run_agent(
-        server, ALICE, f"{shlex.quote(PY)} {script}; sleep 300", grants=("SYS_PROCS", "SYS_CAPS")
+        server, ALICE, f"{script}; sleep 300", grants=("SYS_PROCS", "SYS_CAPS")
     )
     rc, out = (await results(peer, "mcp"))["mcp"]
     assert sorted(out["tools"]) == ["SYS_CAPS", "SYS_PROCS"]
@@ -263,7 +269,8 @@ async def test_a_session_s_calls_are_rate_limited(start_server: ServerFactory) -
     limited = next(got[f"c{i}"][1] for i in range(5) if got[f"c{i}"][1]["sw"] == "6400")
     assert "rate limit" in limited["message"] and "back off" in limited["message"]
     noted = server.records("asys_rate_limited", session_id=welcome.session_id)
-    assert len(noted) == 1 and noted[0]["source"] == "agent"  # said once, not per call
+    started = [r for r in noted if r["metadata"]["state"] == "start"]
+    assert len(started) == 1 and started[0]["source"] == "agent"  # said once, not per call
 
 
 _RAW_CLIENT = """
@@ -287,11 +294,9 @@ print("@@raw@@0@@" + json.dumps(replies) + "@@", flush=True)
 async def test_bad_input_on_the_endpoint_gets_clear_errors(
     server: ServerProc, base_dir: Path
 ) -> None:
-    script = base_dir / "raw_client.py"
-    script.write_text(_RAW_CLIENT)
-    script.chmod(0o644)
+    script = python_script(base_dir, "raw_client.py", _RAW_CLIENT)
     peer, welcome = await run_agent(
-        server, ALICE, f"{shlex.quote(PY)} {script}; " + call("after", "SYS_HELLO") + "sleep 300"
+        server, ALICE, f"{script}; " + call("after", "SYS_HELLO") + "sleep 300"
     )
     got = await results(peer, "raw", "after")
     data, join, junk, hello, huge = got["raw"][1]
@@ -366,7 +371,8 @@ async def test_codex_gets_the_aaau_mcp_server_for_its_run(server: ServerProc) ->
 
 def test_the_endpoints_directory_is_made_safe(tmp_path: Path) -> None:
     """Root's, 0711, emptied of a killed server's sockets; a symlink or someone else's
-    directory in its place is refused, never followed or adopted."""
+    directory in its place, or below someone else's directory, is refused, never followed
+    or adopted."""
     where = tmp_path / "run-asys"
     where.mkdir(mode=0o777)
     (where / "stale-session").write_text("left by kill -9")
@@ -384,6 +390,10 @@ def test_the_endpoints_directory_is_made_safe(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="not a directory of root's"):
         endpoint.prepare_dir(str(target))
     assert (target / "precious").exists()
+    # a parent someone else owns could swap the directory under root: refused too
+    with pytest.raises(OSError, match="owned by uid 65534, not root"):
+        endpoint.prepare_dir(str(target / "asys"))
+    assert not (target / "asys").exists()
 
 
 _HOARDER = """
@@ -406,11 +416,9 @@ print("@@hoard@@0@@" + json.dumps([[sw for _, sw in held], refused]) + "@@", flu
 async def test_an_agent_cannot_hoard_its_endpoint(server: ServerProc, base_dir: Path) -> None:
     """agent_endpoint_connections (8) at once; the next is refused and said so; once the
     agent lets go, its endpoint serves it again."""
-    script = base_dir / "hoarder.py"
-    script.write_text(_HOARDER)
-    script.chmod(0o644)
+    script = python_script(base_dir, "hoarder.py", _HOARDER)
     peer, welcome = await run_agent(
-        server, ALICE, f"{shlex.quote(PY)} {script}; " + call("after", "SYS_HELLO") + "sleep 300"
+        server, ALICE, f"{script}; " + call("after", "SYS_HELLO") + "sleep 300"
     )
     got = await results(peer, "hoard", "after")
     answered, refused = got["hoard"][1]
@@ -437,10 +445,8 @@ print("@@flood@@0@@" + json.dumps([codes.count("bad-message"), late]) + "@@", fl
 async def test_a_flood_of_bad_frames_is_answered_but_not_all_recorded(
     server: ServerProc, base_dir: Path
 ) -> None:
-    script = base_dir / "flooder.py"
-    script.write_text(_FLOODER)
-    script.chmod(0o644)
-    peer, welcome = await run_agent(server, ALICE, f"{shlex.quote(PY)} {script}; sleep 300")
+    script = python_script(base_dir, "flooder.py", _FLOODER)
+    peer, welcome = await run_agent(server, ALICE, f"{script}; sleep 300")
     answered, late = (await results(peer, "flood"))["flood"][1]
     assert answered == 200  # every one told why
     assert late["code"] == "forbidden" and "first frame" in late["message"]

@@ -355,3 +355,20 @@ def test_revoking_tells_every_watcher_and_records_what_was_held() -> None:
     ((kind, fields),) = noted
     assert kind == "asys_grant_revoked"
     assert fields["metadata"]["before"] == ["PROC_THROTTLE", "SYS_STATUS"]
+
+
+async def test_a_claude_config_the_agent_planted_never_stops_its_start(tmp_path: Path) -> None:
+    """The agent owns its home: a FIFO there must not hang the launcher, an odd entry
+    must not crash it (it runs between fork and exec)."""
+    path = tmp_path / ".claude.json"
+    os.mkfifo(path)
+    with trio.fail_after(5):  # would block in open() or read() on a FIFO
+        outcome = await trio.to_thread.run_sync(
+            agentconfig.register_claude, str(tmp_path), CMD, True, abandon_on_cancel=True
+        )
+    assert outcome.startswith("skipped: cannot read") and "not a regular file" in outcome
+    path.unlink()
+    path.write_text(json.dumps({"mcpServers": {"aaau": "not an object"}}))
+    assert agentconfig.register_claude(str(tmp_path), CMD, False) == "unchanged"
+    assert agentconfig.register_claude(str(tmp_path), CMD, True) == "registered"
+    assert json.loads(path.read_text())["mcpServers"]["aaau"]["command"] == CMD[0]

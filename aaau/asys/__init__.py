@@ -38,6 +38,7 @@ __all__ = [
     "agent_grants",
     "call",
     "dispatch",
+    "refused",
     "session_scope",
 ]
 
@@ -145,6 +146,11 @@ def allowed_instructions(ctx: Context) -> list[str]:
     ]
 
 
+def refused(msg: m.AsysCall | m.AsysRequest, sw: SW, message: str) -> m.AsysResult:
+    """The answer to a call that did not run (busy, rate, no audit): no result."""
+    return m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, None, message)
+
+
 async def call(ctx: Context, msg: m.AsysCall | m.AsysRequest) -> m.AsysResult:
     """One instruction for a caller: recorded before it runs and after, with its answer."""
     audit = ctx.bind_audit()
@@ -155,9 +161,7 @@ async def call(ctx: Context, msg: m.AsysCall | m.AsysRequest) -> m.AsysResult:
             metadata={"request_id": msg.request_id, "args": msg.args},
         )
     except AuditUnavailable as exc:  # never run unrecorded; transient: back off
-        sw = SW.BLOCKED
-        text = f"the audit log cannot record it now ({exc}): not run"
-        return m.AsysResult(msg.request_id, msg.instruction, sw, sw.label, None, text)
+        return refused(msg, SW.BLOCKED, f"the audit log cannot record it now ({exc}): not run")
     sw, result, message = await dispatch(msg.instruction, msg.args, ctx)
     audit.note(
         "asys_result",
