@@ -164,3 +164,25 @@ def test_the_head_is_anchored_in_the_operational_log_when_it_moved(tmp_path: Pat
     anchors = [e for e in logs if e["event"] == "audit-anchor"]
     assert [a["head"] for a in anchors] == [first, log.head] and first != log.head
     assert anchors[-1]["seq"] == 2
+
+
+def test_what_orjson_refuses_is_written_by_the_standard_library_and_chains(tmp_path: Path) -> None:
+    """Output goes through orjson (raw UTF-8); a lone surrogate (a file name's stray
+    byte), an integer key or a 70-bit number make orjson refuse: the standard library
+    writes that record (ASCII-escaped), and the chain covers both kinds of line."""
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(str(path))
+    screen = "\u2502 \u00e9t\u00e9 \x1b[1mbold\x1b[0m\r\n".encode()
+    log.write_bytes("output", screen, source="agent", session_id="s1")
+    log.write("session_start", metadata={"argv": ["cat", "caf\udce9"]})
+    log.write("control", metadata={7: "seven", "big": 1 << 70})
+    log.close()
+    lines = path.read_bytes().splitlines()
+    assert "\u2502".encode() in lines[1]  # orjson: UTF-8 as it is
+    assert b"\\udce9" in lines[2] and b'"7":"seven"' in lines[3]  # the fallback
+    records = _records(path)
+    assert records[1]["content"].encode() == screen
+    assert records[2]["metadata"]["argv"][1] == "caf\udce9"
+    assert records[3]["metadata"] == {"7": "seven", "big": 1 << 70}
+    report = _check(path)
+    assert report.ok and report.lines == 4
