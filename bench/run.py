@@ -14,7 +14,7 @@ Scenarios (docs/benchmarks.md has the method and the latest results):
   scale        200 sessions x 3 clients, a line per session every 5 s: server CPU, RSS,
                create/join times
   slow         throughput with one observer that never reads; server memory stays bounded
-  audit        throughput with output recording on and off
+  audit        throughput with output recording on and off: paired rounds, median ratio
   startup      aaau --help, aaau ls, aaau -p true beside tmux ls, tmux new-session -d and
                python -c 'import json, socket': medians of 10, ratios to the bare Python
 """
@@ -257,10 +257,20 @@ async def slow(size: str) -> dict[str, Any]:
     }
 
 
+#: rounds of the audit scenario: more than the others, its figure is a small difference
+AUDIT_ROUNDS = {"full": 25, "quick": 5, "smoke": 1}
+
+
 async def audit(size: str) -> dict[str, Any]:
     """Wall time hides the cost (a busier reader reads bigger chunks): server CPU shows it.
-    With --baseline, the baseline's on/off pair runs alternately with this one's."""
-    lines, runs, *_ = SIZES[size]
+
+    Each round runs every server once, on and off in turns (which goes first
+    alternates), and yields one paired ratio off/on per build: a round's
+    pair shares the machine's mood, so the median of those ratios (with its
+    interquartile range) is steadier than a ratio of medians, which is given too.
+    With --baseline, the baseline's on/off pair runs in the same rounds."""
+    lines, *_ = SIZES[size]
+    rounds = AUDIT_ROUNDS[size]
     builds = {"aaau": h.PY} | ({"before": BASELINE} if BASELINE else {})
     times: dict[str, list[float]] = {f"{b} {m}": [] for b in builds for m in ("on", "off")}
     ticks = dict.fromkeys(times, 0)
@@ -271,31 +281,49 @@ async def audit(size: str) -> dict[str, Any]:
             servers[f"{build} off"] = await stack.enter_async_context(
                 h.aaau_server("--no-record-output", python=python)
             )
-        for _ in range(runs):
-            for name, server in servers.items():
+        for server in servers.values():  # warm: the first run of a server pays its imports
+            await h.aaau_throughput(server, lines // 10, 1)
+        for n in range(rounds):
+            for name in sorted(servers, reverse=n % 2 == 1):
+                server = servers[name]
                 before = h.cpu_ticks(server.pid)
                 t, _ = await h.aaau_throughput(server, lines, 1)
                 ticks[name] += h.cpu_ticks(server.pid) - before
                 times[name].append(t)
-    hz = os.sysconf("SC_CLK_TCK")
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"rounds": rounds}
     for build in builds:
-        on, off = statistics.median(times[f"{build} on"]), statistics.median(times[f"{build} off"])
-        cpu_on, cpu_off = ticks[f"{build} on"] / hz / runs, ticks[f"{build} off"] / hz / runs
-        row = {
-            "recording_on_s": round(on, 3),
-            "recording_off_s": round(off, 3),
-            "on_off_throughput": round(off / on, 3),
-            "wall_cost_pct": round(100 * (on - off) / off, 1),
-            "server_cpu_on_s": round(cpu_on, 3),
-            "server_cpu_off_s": round(cpu_off, 3),
-            "cpu_cost_pct": round(100 * (cpu_on - cpu_off) / cpu_off, 1) if cpu_off else None,
-        }
+        row = _audit_row(
+            times[f"{build} on"],
+            times[f"{build} off"],
+            rounds,
+            ticks[f"{build} on"],
+            ticks[f"{build} off"],
+        )
         if build == "aaau":
             out.update(row)
         else:
             out[build] = row
     return out
+
+
+def _audit_row(
+    on_t: list[float], off_t: list[float], rounds: int, on_ticks: int, off_ticks: int
+) -> dict[str, Any]:
+    hz = os.sysconf("SC_CLK_TCK")
+    on, off = statistics.median(on_t), statistics.median(off_t)
+    paired = sorted(b / a for a, b in zip(on_t, off_t, strict=True))
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    cpu_on, cpu_off = on_ticks / hz / rounds, off_ticks / hz / rounds
+    return {
+        "on_off_throughput": round(statistics.median(paired), 3),
+        "on_off_iqr": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "ratio_of_medians": round(off / on, 3),
+        "recording_on_s": round(on, 3),
+        "recording_off_s": round(off, 3),
+        "server_cpu_on_s": round(cpu_on, 3),
+        "server_cpu_off_s": round(cpu_off, 3),
+        "cpu_cost_pct": round(100 * (cpu_on - cpu_off) / cpu_off, 1) if cpu_off else None,
+    }
 
 
 def _wall(argv: list[str], env: dict[str, str]) -> float:
