@@ -439,12 +439,24 @@ async def aaau_server(*extra: str, python: str = PY) -> AsyncIterator[AaauServer
             _remove_cgroup_base(base.name)
 
 
-def _remove_cgroup_base(name: str) -> None:
+def _remove_cgroup_base(pattern: str) -> None:
+    """The cgroup bases matching ``pattern`` in every hierarchy, with the sessions'
+    cgroups a killed server left in them (rmdir takes only cgroups without processes)."""
     where = Hierarchies.discover()
     for mount in [where.v2, *where.v1.values()]:
-        if mount is not None and (mount / name).is_dir():
-            with contextlib.suppress(OSError):
-                (mount / name).rmdir()
+        for base in mount.glob(pattern) if mount is not None else ():
+            inner = [d for d in base.rglob("*") if d.is_dir()]
+            for cgroup in [*sorted(inner, key=lambda d: len(d.parts), reverse=True), base]:
+                with contextlib.suppress(OSError):
+                    cgroup.rmdir()
+
+
+def sweep_leftovers() -> None:
+    """What a killed run left behind: its servers' directories and cgroups."""
+    for where in (Path("/tmp"), Path("/run")):
+        for leftover in where.glob("aaau-bench-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    _remove_cgroup_base("aaau-bench-*")
 
 
 def _accounts(database: str) -> list[str]:

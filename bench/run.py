@@ -258,7 +258,7 @@ async def slow(size: str) -> dict[str, Any]:
 
 
 #: rounds of the audit scenario: more than the others, its figure is a small difference
-AUDIT_ROUNDS = {"full": 25, "quick": 5, "smoke": 1}
+AUDIT_ROUNDS = {"full": 60, "quick": 8, "smoke": 1}
 
 
 async def audit(size: str) -> dict[str, Any]:
@@ -268,6 +268,9 @@ async def audit(size: str) -> dict[str, Any]:
     alternates), and yields one paired ratio off/on per build: a round's
     pair shares the machine's mood, so the median of those ratios (with its
     interquartile range) is steadier than a ratio of medians, which is given too.
+    A second server with recording off runs in the same rounds as a control:
+    its ratio to the first (``control_ratio``, ideally 1.000) shows how far two
+    identical servers drift apart in this run, the figure's resolution.
     With --baseline, the baseline's on/off pair runs in the same rounds."""
     lines, *_ = SIZES[size]
     rounds = AUDIT_ROUNDS[size]
@@ -281,6 +284,10 @@ async def audit(size: str) -> dict[str, Any]:
             servers[f"{build} off"] = await stack.enter_async_context(
                 h.aaau_server("--no-record-output", python=python)
             )
+        servers["aaau control"] = await stack.enter_async_context(
+            h.aaau_server("--no-record-output")
+        )
+        times["aaau control"], ticks["aaau control"] = [], 0
         for server in servers.values():  # warm: the first run of a server pays its imports
             await h.aaau_throughput(server, lines // 10, 1)
         for n in range(rounds):
@@ -301,6 +308,8 @@ async def audit(size: str) -> dict[str, Any]:
         )
         if build == "aaau":
             out.update(row)
+            control = _paired(times["aaau control"], times["aaau off"])
+            out["control_ratio"], out["control_iqr"] = control
         else:
             out[build] = row
     return out
@@ -311,12 +320,11 @@ def _audit_row(
 ) -> dict[str, Any]:
     hz = os.sysconf("SC_CLK_TCK")
     on, off = statistics.median(on_t), statistics.median(off_t)
-    paired = sorted(b / a for a, b in zip(on_t, off_t, strict=True))
-    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    ratio, iqr = _paired(on_t, off_t)
     cpu_on, cpu_off = on_ticks / hz / rounds, off_ticks / hz / rounds
     return {
-        "on_off_throughput": round(statistics.median(paired), 3),
-        "on_off_iqr": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "on_off_throughput": ratio,
+        "on_off_iqr": iqr,
         "ratio_of_medians": round(off / on, 3),
         "recording_on_s": round(on, 3),
         "recording_off_s": round(off, 3),
@@ -324,6 +332,14 @@ def _audit_row(
         "server_cpu_off_s": round(cpu_off, 3),
         "cpu_cost_pct": round(100 * (cpu_on - cpu_off) / cpu_off, 1) if cpu_off else None,
     }
+
+
+def _paired(slow_t: list[float], fast_t: list[float]) -> tuple[float, list[float]]:
+    """The median of the per-round throughput ratios (``fast_t``'s time over
+    ``slow_t``'s) and their interquartile range."""
+    paired = sorted(b / a for a, b in zip(slow_t, fast_t, strict=True))
+    quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    return round(statistics.median(paired), 3), [round(quartiles[0], 3), round(quartiles[2], 3)]
 
 
 def _wall(argv: list[str], env: dict[str, str]) -> float:
@@ -525,6 +541,8 @@ def cli() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     baseline_pam = Path("/etc/pam.d/aaau")
     had_baseline_pam = baseline_pam.exists()
+    h.remove_accounts()  # a killed run's, if any
+    h.sweep_leftovers()
     try:
         results = trio.run(main, args)
     finally:

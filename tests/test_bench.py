@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+from aaau.cgroups import Hierarchies
 
 from .helpers import root
 
@@ -13,7 +20,27 @@ pytestmark = root
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
-def test_benchmark_smoke_run_measures_every_scenario() -> None:
+@pytest.fixture
+def killed_run() -> Iterator[list[Path]]:
+    """What a killed run leaves: a server's directories, a session's cgroup in its base
+    (removed here too, whatever the benchmark did)."""
+    leftovers = [Path("/tmp/aaau-bench-killed"), Path("/run/aaau-bench-killed-asys")]
+    where = Hierarchies.discover().v2
+    cgroup = [where / "aaau-bench-killed" / "_session"] if where is not None else []
+    for leftover in leftovers:
+        (leftover / "log").mkdir(parents=True)
+    for made in cgroup:
+        made.mkdir(parents=True)
+    yield [*leftovers, *(made.parent for made in cgroup)]
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    for made in cgroup:
+        for directory in (made, made.parent):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def test_benchmark_smoke_run_measures_every_scenario(killed_run: list[Path]) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH), "--smoke", "--json"],
         capture_output=True,
@@ -24,6 +51,7 @@ def test_benchmark_smoke_run_measures_every_scenario() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
     assert out["size"] == "smoke"
+    assert [leftover for leftover in killed_run if leftover.exists()] == []  # swept first
     # its init put completions and man pages in its own directory, not the machine's
     assert not list(Path("/usr/local/share").rglob("*aaau*"))
     assert set(out) >= {"machine", "throughput", "echo", "scale", "slow", "audit", "startup", "mcp"}
@@ -39,3 +67,6 @@ def test_benchmark_smoke_run_measures_every_scenario() -> None:
     assert out["echo"]["typing"]["aaau"]["p50_ms"] > 0
     assert out["scale"]["sessions"] == 3 and out["scale"]["clients"] == 9
     assert out["slow"]["others_every_byte"] is True
+    audit = out["audit"]
+    assert audit["on_off_throughput"] > 0 and audit["control_ratio"] > 0
+    assert audit["server_cpu_on_s"] > 0 and len(audit["control_iqr"]) == 2
