@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.testing
 
@@ -53,6 +54,27 @@ def identify_fake(pid: int, uid: int, gid: int, people: dict[str, Any] = PEOPLE)
     raise credentials.UnknownPeer(f"uid {uid} has no user")
 
 
+#: every agent a LocalSpawner started, for :func:`reap_agents`
+_STARTED: list[Agent] = []
+
+
+@pytest.fixture(autouse=True)
+async def reaped_agents() -> AsyncIterator[None]:
+    """Kill and wait for every agent a test's in-process server left running
+    (autouse in the modules that import it).
+
+    A session cut short by the test's end leaves its agent's ``trio.Process``
+    unwaited: its pidfd would be closed by the garbage collector, in whatever
+    later test that happens, as a ResourceWarning (an error in this suite)."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop().process
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(10):
+            await process.wait()
+
+
 class LocalSpawner:
     """Runs the agent's argv as the current user on a fresh PTY."""
 
@@ -84,6 +106,7 @@ class LocalSpawner:
             os.close(slave)
         agent = Agent(process=process, master_fd=master, pty=pty, pid=process.pid, plan=plan)
         self.started.append(agent)
+        _STARTED.append(agent)
         return agent
 
     async def release(self, agent: Agent) -> None:

@@ -33,6 +33,7 @@ from .inprocess import (
     V,
     identify_fake,
     open_in_process,
+    reaped_agents,  # noqa: F401 (an autouse fixture)
 )
 
 

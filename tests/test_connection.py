@@ -15,7 +15,7 @@ from aaau import messages as m
 from aaau.asys.base import Instruction, NoArgs
 from aaau.protocol import Kind, encode_frame
 
-from .inprocess import InProcess, V, open_in_process
+from .inprocess import InProcess, V, open_in_process, reaped_agents  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
