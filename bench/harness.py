@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -452,10 +453,14 @@ def _remove_cgroup_base(pattern: str) -> None:
 
 
 def sweep_leftovers() -> None:
-    """What a killed run left behind: its servers' directories and cgroups."""
+    """What a killed run left behind: its servers' directories and cgroups. Only
+    root's own directories go: in /tmp anyone can plant a name (or a link) like ours."""
     for where in (Path("/tmp"), Path("/run")):
         for leftover in where.glob("aaau-bench-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                st = leftover.lstat()
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
+                    shutil.rmtree(leftover, ignore_errors=True)
     _remove_cgroup_base("aaau-bench-*")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from .helpers import root
 
 pytestmark = root
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -31,13 +33,18 @@ def killed_run() -> Iterator[list[Path]]:
         (leftover / "log").mkdir(parents=True)
     for made in cgroup:
         made.mkdir(parents=True)
+    planted = Path("/tmp/aaau-bench-planted")  # someone else's, under a name like ours
+    planted.mkdir()
+    os.chown(planted, NOBODY, NOBODY)
     yield [*leftovers, *(made.parent for made in cgroup)]
-    for leftover in leftovers:
+    survived = planted.is_dir()
+    for leftover in [*leftovers, planted]:
         shutil.rmtree(leftover, ignore_errors=True)
     for made in cgroup:
         for directory in (made, made.parent):
             with contextlib.suppress(OSError):
                 directory.rmdir()
+    assert survived  # not root's: the sweep left it alone
 
 
 def test_benchmark_smoke_run_measures_every_scenario(killed_run: list[Path]) -> None:
