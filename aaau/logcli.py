@@ -555,6 +555,11 @@ def _verify(args: argparse.Namespace, log_dir: str) -> int:
         note = f", {report.unsealed} lines from before the chain" if report.unsealed else ""
         status = "ok" if report.ok else f"{len(report.breaks)} broken"
         print(f"{report.path}: {report.lines} records{note}, {status}; head {report.head or '-'}")
+        if report.unfinished:
+            print(
+                f"{report.path}: the last {report.unfinished} bytes are not a whole line yet "
+                "(being written now, or cut off by a crash): not checked"
+            )
     if not args.files:
         for path, why in chain.check_sequence(reports):
             bad = True

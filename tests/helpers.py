@@ -258,8 +258,14 @@ class Peer:
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
-    """The records of an audit file, less the hash chain's own (``audit_chain``)."""
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    """The records of an audit file, less the hash chain's own (``audit_chain``).
+
+    Only whole lines: the server may be in the middle of writing the last one
+    (a large output record is more than one page; a reader can see part of it).
+    """
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    records = [json.loads(line) for line in whole.splitlines()]
     return [r for r in records if r["command_type"] != "audit_chain"]
 
 

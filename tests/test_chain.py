@@ -152,6 +152,17 @@ def test_a_torn_last_line_is_a_break_and_a_new_chain_begins(tmp_path: Path) -> N
     assert [r["command_type"] for r in after] == ["audit_chain", "control"]
 
 
+def test_a_last_line_still_being_written_is_counted_apart_not_a_break(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    _write_some(path).close()
+    whole = _check(path)
+    with open(path, "ab") as f:
+        f.write(b'{"timestamp":1.0,"seq":8,"content":"half of it')
+    report = _check(path)
+    assert report.ok and report.unfinished == 46
+    assert (report.lines, report.head) == (whole.lines, whole.head)
+
+
 def test_the_head_is_anchored_in_the_operational_log_when_it_moved(tmp_path: Path) -> None:
     log = AuditLog(str(tmp_path / "audit.jsonl"))
     log.write("first")

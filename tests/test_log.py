@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from aaau import casts, logcli, logfiles, logview, replay
+from aaau import casts, chain, logcli, logfiles, logview, replay
 from aaau import messages as m
 from aaau.audit import AuditLog, encode_bytes
 from aaau.logfiles import Entry
@@ -161,6 +161,31 @@ async def test_verify_passes_then_fails_at_the_edited_line(
     code, out, _ = _run(capsys, log_dir, "verify")
     assert code == 1 and f"audit.jsonl:{victim + 1}: the hash does not match" in out
     assert out.rstrip().endswith("the chain is broken")
+
+
+def _append(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
+
+
+async def test_verify_while_a_record_is_being_written_checks_the_whole_lines(
+    recorded: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reader can see part of a large record that the server is writing: that part
+    is said and left for later, not reported as a break."""
+    log_dir, _ = recorded
+    path = log_dir / "audit.jsonl"
+    *_, last = path.read_bytes().splitlines()
+    head = json.loads(last)["hash"]
+    body = json.dumps({"seq": 10**6, "command_type": "output", "content": "x" * 9000}).encode()
+    line = chain.sealed(body, chain.link(head, body))
+    _append(path, line[:4096])  # the first page of it, as a reader may find it
+    code, out, _ = _run(capsys, log_dir, "verify", "--head", head)
+    assert code == 0 and out.rstrip().endswith("the chain holds")
+    assert "the last 4096 bytes are not a whole line yet" in out
+    _append(path, line[4096:])
+    code, out, _ = _run(capsys, log_dir, "verify", "--head", chain.link(head, body))
+    assert code == 0 and "not a whole line" not in out
 
 
 # --- the pure parts ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .helpers import (
     ServerFactory,
     ServerProc,
     account,
+    read_audit,
     root,
     server_argv,
     wait_for,
@@ -356,8 +357,7 @@ async def test_sighup_when_the_log_cannot_be_reopened_keeps_the_open_file(
     server.process.send_signal(signal.SIGHUP)
     audit = moved / "audit.jsonl"
     failed = await wait_for(
-        lambda: [r for r in map(json.loads, audit.read_text().splitlines())
-                 if r["command_type"] == "reload_failed"]
+        lambda: [r for r in read_audit(audit) if r["command_type"] == "reload_failed"]
     )
     assert "kept the open file" in failed[0]["content"]
     # the retry loop notices the file is gone from its path, says so once, and goes on
