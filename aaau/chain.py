@@ -129,10 +129,14 @@ def check_lines(path: str, lines: Iterable[bytes], look_for: str | None = None) 
     report = FileReport(path)
     previous: str | None = None
     for number, line in enumerate(lines, 1):
-        if not line.endswith(b"\n"):  # the last line: iteration ends at a newline or EOF
-            report.unfinished = len(line)
-            break
+        if report.unfinished:  # the line without its newline was not the last one
+            report.breaks.append(Break(number - 1, "the line is cut off (no newline)"))
+            report.unfinished = 0
         report.lines = number
+        if not line.endswith(b"\n"):
+            report.unfinished = len(line)
+            report.lines = number - 1
+            continue
         found = unseal(line)
         if found is None:
             if previous is None:

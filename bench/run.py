@@ -266,9 +266,9 @@ async def audit(size: str) -> dict[str, Any]:
 
     Each round runs every server once, in an order that gives each server
     every place in the round equally often (:func:`_turns`), and yields one
-    paired ratio off/on per build: a round's
-    pair shares the machine's mood, so the median of those ratios (with its
-    interquartile range) is steadier than a ratio of medians, which is given too.
+    paired ratio off/on per build: a round's pair shares the machine's mood,
+    so the median of those ratios (with its interquartile range) is steadier
+    than a ratio of medians, which is given too.
     A second server with recording off runs in the same rounds as a control:
     its ratio to the first (``control_ratio``, ideally 1.000) shows how far two
     identical servers drift apart in this run, the figure's resolution.
@@ -339,9 +339,10 @@ def _turns(names: list[str], n: int) -> list[str]:
     """Round ``n``'s order: rotated by one each round, reversed every other cycle.
 
     Over ``2 * len(names)`` rounds each name takes each place equally often,
-    and is as often just before as just after each neighbour. A fixed or merely alternating order
-    kept one server in the middle of every round, and that place alone was
-    worth 2-3 % (the control's ratio in the runs that found it).
+    and is as often just before as just after each neighbour. A fixed or
+    merely alternating order kept one server in the middle of every round,
+    and that place alone was worth 2-3 % (the control's ratio in the runs
+    that found it).
     """
     k = len(names)
     shift = n % k

@@ -163,6 +163,13 @@ def test_a_last_line_still_being_written_is_counted_apart_not_a_break(tmp_path: 
     assert (report.lines, report.head) == (whole.lines, whole.head)
 
 
+def test_a_line_without_its_newline_before_others_is_a_break() -> None:
+    whole = [b'{"a":1}\n', b'{"b":2}\n']
+    report = chain.check_lines("x", [whole[0].rstrip(b"\n"), whole[1]])
+    assert report.breaks == [chain.Break(1, "the line is cut off (no newline)")]
+    assert (report.lines, report.unfinished) == (2, 0)
+
+
 def test_the_head_is_anchored_in_the_operational_log_when_it_moved(tmp_path: Path) -> None:
     log = AuditLog(str(tmp_path / "audit.jsonl"))
     log.write("first")
